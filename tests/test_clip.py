@@ -174,8 +174,9 @@ def test_flax_checkpoint_directory_loads(tmp_path):
 def test_full_size_shapes_with_eval_shape():
     """ViT-L/14-336 at S=518 and 336: four (B, H, W, 1024) maps + (B, 768), nothing computed."""
     config = vit_l14_336_config()
-    from clipsam_jax.clip.loading import param_shapes
     from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
+
+    from clipsam_jax.clip.loading import param_shapes
 
     shapes = param_shapes(FlaxCLIPModule(config=config), 336)
     table = shapes["vision_model"]["embeddings"]["position_embedding"]["embedding"]
@@ -219,7 +220,7 @@ def test_malformed_config(tiny_clip_dir, tmp_path):
     target = tmp_path / "broken"
     shutil.copytree(tiny_clip_dir, target)
     (target / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="config.json: malformed"):
+    with pytest.raises(CheckpointError, match=r"config\.json: malformed"):
         load_clip(str(target))
 
 
@@ -227,7 +228,7 @@ def test_corrupt_weights_file(tiny_clip_dir, tmp_path):
     target = tmp_path / "corrupt"
     shutil.copytree(tiny_clip_dir, target)
     (target / "model.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read"):
         load_clip(str(target), cache_dir=tmp_path / "cache")
 
 

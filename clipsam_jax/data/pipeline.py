@@ -1,0 +1,244 @@
+"""Batches of preprocessed images and masks for training and evaluation.
+
+Decoding runs in a thread pool (PIL releases the GIL while decoding and resizing) with a
+bounded number of batches in flight, so the next batches decode while the model works on the
+current one. The order is a pure function of (seed, epoch): with shuffle the permutation comes
+from `np.random.default_rng([seed, epoch])`, and each position's mosaic draw from its own
+generator keyed by (seed, epoch, position), so `skip_batches=k` (resume) yields exactly the
+batches after the first k. A decoding error in a worker is raised to the consumer, naming the
+file (`ImageReadError`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+from clipsam_jax.data.image_io import (
+    normalize,
+    preprocess,
+    read_image,
+    read_mask,
+    resize_mask,
+    resize_rgb,
+)
+from clipsam_jax.data.types import Sample
+
+_MOSAIC_STREAM = 1  # distinguishes the per-position mosaic generators from the epoch one
+
+
+def decode_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image as uint8 RGB (H, W, 3) and its mask as bool (H, W), None for a normal image.
+
+    The mask must have the image's size (`ImageReadError` naming both sizes otherwise).
+    """
+    rgb = read_image(sample.image_path)
+    if sample.mask_path is None:
+        return rgb, None
+    return rgb, read_mask(sample.mask_path, expected_hw=rgb.shape[:2])
+
+
+def load_sample(sample: Sample, image_size: int, keep_rgb: bool = False) -> dict[str, Any]:
+    """One sample → {"image": float32 (S, S, 3) normalized, "mask": bool (S, S),
+    "original_size": (H, W)} plus "rgb": uint8 (H, W, 3) with `keep_rgb`."""
+    rgb, mask = decode_sample(sample)
+    out = {
+        "image": preprocess(rgb, image_size),
+        "mask": _resized_mask(mask, image_size),
+        "original_size": rgb.shape[:2],
+    }
+    if keep_rgb:
+        out["rgb"] = rgb
+    return out
+
+
+def _resized_mask(mask: np.ndarray | None, size: int) -> np.ndarray:
+    if mask is None:
+        return np.zeros((size, size), bool)
+    return resize_mask(mask, size)
+
+
+def load_mosaic(samples: Sequence[Sample], image_size: int, keep_rgb: bool = False) -> dict:
+    """Four samples → one 2×2 mosaic (APRIL-GAN's augmentation), same keys as `load_sample`.
+
+    Tiles are squashed to ceil(S/2) and the canvas cropped to S×S, so odd sizes work too;
+    "original_size" is the first sample's.
+    """
+    tile = (image_size + 1) // 2
+    canvas = np.zeros((2 * tile, 2 * tile, 3), np.uint8)
+    mask_canvas = np.zeros((2 * tile, 2 * tile), bool)
+    first_size = None
+    for k, sample in enumerate(samples[:4]):
+        rgb, mask = decode_sample(sample)
+        first_size = first_size or rgb.shape[:2]
+        rows, cols = (
+            slice(k // 2 * tile, (k // 2 + 1) * tile),
+            slice(k % 2 * tile, (k % 2 + 1) * tile),
+        )
+        canvas[rows, cols] = resize_rgb(rgb, tile)
+        mask_canvas[rows, cols] = _resized_mask(mask, tile)
+    canvas = canvas[:image_size, :image_size]
+    out = {
+        "image": normalize(canvas),
+        "mask": mask_canvas[:image_size, :image_size],
+        "original_size": first_size,
+    }
+    if keep_rgb:
+        out["rgb"] = canvas
+    return out
+
+
+class BatchLoader:
+    """Iterable over the batches of one epoch.
+
+    Each batch is a dict:
+      images          float32 (B, S, S, 3), CLIP-normalized
+      masks           bool (B, S, S); all False for normal images
+      indices         int64 (B,) into `samples`
+      labels          int64 (B,) 1 anomalous, 0 normal (1 for a mosaic holding a defect)
+      original_sizes  int64 (B, 2) (H, W) of each image before resizing
+      class_names     list[str]; paths list[str]
+      mosaic          bool (B,) which items are mosaics
+      rgb             list of uint8 (H, W, 3) original images (only with keep_rgb=True)
+    B is `batch_size` except for a ragged last batch (dropped with `drop_last`).
+
+    num_workers: decoding threads (0: decode in the consumer's thread). prefetch: batches in
+    flight ahead of the consumer. skip_batches: batches of the epoch not produced (resume).
+    mosaic_prob: probability that an item becomes a 2×2 mosaic of its image and three random
+    images of the same class (training only; off by default). seed, epoch: non-negative ints.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+        num_workers: int = 4,
+        prefetch: int = 2,
+        skip_batches: int = 0,
+        keep_rgb: bool = False,
+        mosaic_prob: float = 0.0,
+    ) -> None:
+        if image_size < 1 or batch_size < 1 or prefetch < 1:
+            raise ValueError("image_size, batch_size and prefetch must be positive")
+        if num_workers < 0 or skip_batches < 0 or not 0.0 <= mosaic_prob <= 1.0:
+            raise ValueError("num_workers, skip_batches must be >= 0 and mosaic_prob in [0, 1]")
+        self.samples = list(samples)
+        self.image_size, self.batch_size = image_size, batch_size
+        self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, seed, epoch, drop_last
+        self.num_workers, self.prefetch, self.skip_batches = num_workers, prefetch, skip_batches
+        self.keep_rgb, self.mosaic_prob = keep_rgb, mosaic_prob
+        self._by_class = _indices_by_class(self.samples)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches in the whole epoch, skipped ones included."""
+        n, b = len(self.samples), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __len__(self) -> int:
+        """Batches this iterator yields (the epoch's, less `skip_batches`)."""
+        return max(self.num_batches - self.skip_batches, 0)
+
+    def order(self) -> np.ndarray:
+        """int64 (N,): the sample index at each position of the epoch."""
+        n = len(self.samples)
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n).astype(np.int64)
+
+    def batch_positions(self) -> list[np.ndarray]:
+        """Positions in the epoch order of each batch, skipped batches included."""
+        n, b = len(self.samples), self.batch_size
+        return [np.arange(i * b, min((i + 1) * b, n)) for i in range(self.num_batches)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        order = self.order()
+        jobs = [(pos, order[pos]) for pos in self.batch_positions()[self.skip_batches :]]
+        if self.num_workers == 0:
+            for pos, idx in jobs:
+                yield self._assemble(idx, [self._load_item(p, i) for p, i in zip(pos, idx)])
+            return
+        yield from self._threaded(jobs)
+
+    def _threaded(self, jobs: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[dict[str, Any]]:
+        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="clipsam-data")
+        pending: deque[tuple[np.ndarray, list[Future]]] = deque()
+        remaining = iter(jobs)
+
+        def submit(job: tuple[np.ndarray, np.ndarray]) -> None:
+            pos, idx = job
+            pending.append((idx, [pool.submit(self._load_item, p, i) for p, i in zip(pos, idx)]))
+
+        try:
+            for job in islice(remaining, self.prefetch):
+                submit(job)
+            while pending:
+                idx, futures = pending.popleft()
+                items = [f.result() for f in futures]  # re-raises a worker's error here
+                job = next(remaining, None)
+                if job is not None:
+                    submit(job)  # before yielding: keeps `prefetch` batches decoding meanwhile
+                yield self._assemble(idx, items)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _load_item(self, position: int, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        if self.mosaic_prob > 0.0:
+            rng = np.random.default_rng([self.seed, self.epoch, int(position), _MOSAIC_STREAM])
+            if rng.random() < self.mosaic_prob:
+                partners = _partners(rng, self._by_class[sample.class_name], index)
+                item = load_mosaic(
+                    [sample] + [self.samples[j] for j in partners], self.image_size, self.keep_rgb
+                )
+                item["mosaic"] = True
+                return item
+        item = load_sample(sample, self.image_size, self.keep_rgb)
+        item["mosaic"] = False
+        return item
+
+    def _assemble(self, indices: np.ndarray, items: list[dict[str, Any]]) -> dict[str, Any]:
+        samples = [self.samples[i] for i in indices]
+        masks = np.stack([item["mask"] for item in items])
+        mosaic = np.array([item["mosaic"] for item in items], bool)
+        labels = np.array([s.label for s in samples], np.int64)
+        labels[mosaic] = masks[mosaic].any(axis=(1, 2))
+        batch = {
+            "images": np.stack([item["image"] for item in items]),
+            "masks": masks,
+            "indices": np.asarray(indices, np.int64),
+            "labels": labels,
+            "original_sizes": np.array([item["original_size"] for item in items], np.int64),
+            "class_names": [s.class_name for s in samples],
+            "paths": [str(s.image_path) for s in samples],
+            "mosaic": mosaic,
+        }
+        if self.keep_rgb:
+            batch["rgb"] = [item["rgb"] for item in items]
+        return batch
+
+
+def _indices_by_class(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
+    by_class: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_class.setdefault(sample.class_name, []).append(i)
+    return {name: np.array(indices, np.int64) for name, indices in by_class.items()}
+
+
+def _partners(rng: np.random.Generator, same_class: np.ndarray, index: int) -> list[int]:
+    """Three other images of the class (repeats only when the class has fewer than four)."""
+    others = same_class[same_class != index]
+    if len(others) == 0:
+        return [index] * 3
+    return [int(j) for j in rng.choice(others, size=3, replace=len(others) < 3)]

@@ -1,0 +1,188 @@
+"""Fusion of SAM masks with the rough map (Sec. 3.3, Eq. 9; SPEC §4), and the MMR glue.
+
+    O_final = Norm(O + Σ_i Σ_j m_ij · s_ij)
+
+O is the rough map on the model grid (S×S); the masks m_ij come from SAM at the original image
+resolution and are brought to S×S by **area averaging** (SPEC §4 choice): a grid cell gets the
+fraction of its image area that the mask covers, so a thin defect is not lost or widened as it
+would be by nearest or max pooling. When H and W are multiples of S this is an exact block
+mean in numpy; otherwise OpenCV's INTER_AREA, which computes the same fractional-coverage
+average (for an upscale, H < S, it falls back to OpenCV's bilinear-like behaviour).
+
+No torch or jax here: the refiner is duck-typed (`MaskRefiner`), so this module and the oracle
+refiner of the tests run without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import cv2
+import numpy as np
+
+from clipsam_jax.config import RefineConfig
+from clipsam_jax.refine.prompts import Prompts, extract_prompts
+
+Norm = Literal["max", "minmax", "none"]
+NORMS = ("max", "minmax", "none")
+_CV_MAX_CHANNELS = 4  # cv2.resize asserts cn <= 4 (OpenCV 5), so masks go 4 at a time
+
+
+def masks_to_grid(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Area-average masks onto the model grid.
+
+    Args:
+      masks: bool or float (q, k, H, W), any leading shape works.
+      size: S, or (Sh, Sw) for a non-square grid.
+
+    Returns:
+      float32 (q, k, Sh, Sw), each cell = covered fraction of its image area, in [0, 1].
+    """
+    masks = np.asarray(masks)
+    sh, sw = (size, size) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    *lead, h, w = masks.shape
+    flat = masks.reshape(-1, h, w)
+    if flat.shape[0] == 0:
+        return np.zeros((*lead, sh, sw), dtype=np.float32)
+    if h % sh == 0 and w % sw == 0:
+        out = _block_mean(flat, sh, sw)
+    else:
+        out = _cv2_area(flat, sh, sw)
+    return out.reshape(*lead, sh, sw)
+
+
+def _block_mean(flat: np.ndarray, sh: int, sw: int) -> np.ndarray:
+    """Exact area average for integer factors: (n, H, W) → float32 (n, Sh, Sw)."""
+    n, h, w = flat.shape
+    blocks = flat.reshape(n, sh, h // sh, sw, w // sw)
+    return blocks.mean(axis=(2, 4), dtype=np.float32)
+
+
+def _cv2_area(flat: np.ndarray, sh: int, sw: int) -> np.ndarray:
+    """INTER_AREA resize of (n, H, W) → float32 (n, Sh, Sw), channels batched for speed."""
+    hwc = np.moveaxis(flat.astype(np.float32), 0, -1)  # OpenCV wants channels last
+    chunks = []
+    for start in range(0, hwc.shape[-1], _CV_MAX_CHANNELS):
+        part = np.ascontiguousarray(hwc[..., start : start + _CV_MAX_CHANNELS])
+        resized = cv2.resize(part, (sw, sh), interpolation=cv2.INTER_AREA)
+        chunks.append(resized.reshape(sh, sw, part.shape[-1]))  # cv2 drops a single channel
+    return np.moveaxis(np.concatenate(chunks, axis=-1), -1, 0)
+
+
+def fuse(
+    rough: np.ndarray, masks: np.ndarray, scores: np.ndarray, norm: Norm = "max"
+) -> np.ndarray:
+    """Eq. 9: rough map plus score-weighted SAM masks, normalized.
+
+    Args:
+      rough: float (S, S) rough map O of one image.
+      masks: bool (q, k, H, W) SAM masks at the original image resolution.
+      scores: float (q, k) SAM scores s_ij (used as given; SAM's IoU predictions can leave
+        [0, 1] slightly).
+      norm: "max" (default, SPEC §4): divide by the map's maximum only where it exceeds 1;
+        "minmax": rescale to [0, 1] (a constant map becomes all zeros); "none": no scaling.
+
+    Returns:
+      float32 (S, S). With q == 0 (no component, SAM skipped) the rough map is returned
+      unchanged under every norm, so an image without prompts is scored as CLIP scored it.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    rough = np.asarray(rough, dtype=np.float32)
+    masks, scores = np.asarray(masks), np.asarray(scores, dtype=np.float32)
+    if masks.ndim != 4 or scores.shape != masks.shape[:2]:
+        raise ValueError(
+            f"masks (q, k, H, W) and scores (q, k) expected, got {masks.shape}, {scores.shape}"
+        )
+    if masks.shape[0] == 0:
+        return rough.copy()
+    grid = masks_to_grid(masks, rough.shape)
+    fused = rough + np.einsum("qkij,qk->ij", grid, scores, dtype=np.float32)
+    return normalize(fused, norm)
+
+
+def normalize(fused: np.ndarray, norm: Norm) -> np.ndarray:
+    """The Norm of Eq. 9 on one (S, S) map; see `fuse` for the modes."""
+    fused = np.asarray(fused, dtype=np.float32)
+    if norm == "max":
+        peak = fused.max()
+        return fused / peak if peak > 1.0 else fused
+    if norm == "minmax":
+        low, high = fused.min(), fused.max()
+        # A constant map ranks no pixel above another; zeros rather than a division by 0.
+        return (fused - low) / (high - low) if high > low else np.zeros_like(fused)
+    if norm == "none":
+        return fused
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def fuse_batch(
+    rough: np.ndarray,
+    masks: Sequence[np.ndarray],
+    scores: Sequence[np.ndarray],
+    norm: Norm = "max",
+) -> np.ndarray:
+    """`fuse` over a batch: rough (N, S, S), per-image masks (q_n, k, H_n, W_n) and scores
+    (q_n, k) → float32 (N, S, S). Images may differ in size and number of boxes."""
+    if not len(rough) == len(masks) == len(scores):
+        raise ValueError(f"batch sizes differ: {len(rough)}, {len(masks)}, {len(scores)}")
+    out = [fuse(o, m, s, norm) for o, m, s in zip(rough, masks, scores, strict=True)]
+    return np.stack(out) if out else np.zeros_like(np.asarray(rough, dtype=np.float32))
+
+
+class MaskRefiner(Protocol):
+    """Anything that turns prompts into masks; `SamRefiner` is the real one."""
+
+    def refine(
+        self, image_rgb: np.ndarray, prompts: Prompts, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """→ masks bool (q, k, H, W), scores float32 (q, k)."""
+        ...
+
+
+@dataclass(frozen=True)
+class MMRResult:
+    """One image through MMR: final map (S, S), prompts, masks (q, k, H, W), scores (q, k)."""
+
+    final: np.ndarray
+    prompts: Prompts
+    masks: np.ndarray
+    scores: np.ndarray
+
+
+def mmr(
+    rough: np.ndarray,
+    image: np.ndarray,
+    refiner: MaskRefiner,
+    config: RefineConfig,
+    rng: np.random.Generator,
+) -> MMRResult:
+    """Multi-level Mask Refinement of one image: prompts → refiner → Eq. 9 fusion.
+
+    Args:
+      rough: float (S, S) rough map in [0, 1].
+      image: the original image, (H, W) or (H, W, C); only its size is used here.
+      refiner: e.g. `SamRefiner`; not called when the map has no component.
+      config: threshold, points, sampling, connectivity, norm, multimask.
+      rng: point-sampling generator.
+    """
+    hw = tuple(np.shape(image)[:2])
+    prompts = extract_prompts(
+        rough,
+        threshold=config.threshold,
+        num_points=config.points,
+        image_hw=hw,
+        rng=rng,
+        connectivity=config.connectivity,
+        per_component=config.point_sampling == "per_component",
+    )
+    if prompts.num_boxes == 0:
+        k = 3 if config.multimask else 1
+        masks = np.zeros((0, k, *hw), dtype=bool)
+        scores = np.zeros((0, k), dtype=np.float32)
+    else:
+        masks, scores = refiner.refine(image, prompts, multimask=config.multimask)
+    final = fuse(rough, masks, scores, norm=config.fusion_norm)
+    return MMRResult(final=final, prompts=prompts, masks=masks, scores=scores)

@@ -1,0 +1,435 @@
+"""SAM refiner (Sec. 3.3, Eq. 8; SPEC §4): model registry, checkpoint loading, batched prompts.
+
+The only module of the library that imports torch and `segment_anything`; everything else
+imports without them.
+
+Checkpoint verification: the official file names carry a hash prefix (`sam_vit_h_4b8939.pth`),
+the publisher's only statement about the file's content. torch.hub's convention is to check
+that prefix against the file's SHA256; for the SAM files, downstream projects consistently
+document it as the prefix of the file's **MD5** (e.g. vit_h md5 4b8939a88964…). A downloaded
+file is accepted when the prefix matches either digest; no full checksum is invented here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor, sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from clipsam_jax.config import RefineConfig
+from clipsam_jax.errors import CheckpointError, ConfigError
+from clipsam_jax.refine.prompts import Prompts
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+DEFAULT_CACHE_DIR = Path("~/.cache/clipsam_jax/sam")
+
+TINY_SEED = 0
+TINY_WARNING = (
+    "SAM 'tiny-random': a small SAM with RANDOM weights, for tests and demos only; "
+    "its masks and scores are meaningless."
+)
+
+
+@dataclass(frozen=True)
+class SamVariant:
+    """A SAM architecture: builder, encoder width (to recognize checkpoints), official file."""
+
+    name: str
+    builder: Callable[[], Sam]
+    embed_dim: int  # image_encoder.patch_embed width, distinguishes the variants
+    filename: str | None = None  # official checkpoint; None = random weights (tiny)
+
+    @property
+    def url(self) -> str | None:
+        return OFFICIAL_BASE_URL + self.filename if self.filename else None
+
+    @property
+    def hash_prefix(self) -> str | None:
+        """The hash prefix the publisher put in the file name (`sam_vit_h_4b8939.pth`)."""
+        return Path(self.filename).stem.rsplit("_", 1)[-1] if self.filename else None
+
+
+# Tiny SAM: 256-pixel input, 16×16 token grid, 2 blocks of width 64, prompt/decoder width 32.
+_TINY = {"img_size": 256, "patch": 16, "embed_dim": 64, "depth": 2, "heads": 2, "prompt_dim": 32}
+
+
+def build_tiny_sam() -> Sam:
+    """A small SAM from segment_anything's modules, random weights (torch seed `TINY_SEED`).
+
+    The global torch RNG is left untouched (forked), so building it changes no other result.
+    """
+    t = _TINY
+    grid = t["img_size"] // t["patch"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=t["img_size"],
+                patch_size=t["patch"],
+                embed_dim=t["embed_dim"],
+                depth=t["depth"],
+                num_heads=t["heads"],
+                mlp_ratio=2.0,
+                out_chans=t["prompt_dim"],
+                qkv_bias=True,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                use_rel_pos=True,
+                window_size=8,
+                global_attn_indexes=(1,),
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=t["prompt_dim"],
+                image_embedding_size=(grid, grid),
+                input_image_size=(t["img_size"], t["img_size"]),
+                mask_in_chans=4,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(
+                    depth=2, embedding_dim=t["prompt_dim"], mlp_dim=64, num_heads=2
+                ),
+                transformer_dim=t["prompt_dim"],
+                iou_head_depth=2,
+                iou_head_hidden_dim=32,
+            ),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
+        # SAM zero-initializes the position embedding; a random one gives position-dependent
+        # (still meaningless) masks, which makes the tiny model a better test double.
+        torch.nn.init.normal_(sam.image_encoder.pos_embed, std=0.5)
+    return sam.eval()
+
+
+SAM_VARIANTS: dict[str, SamVariant] = {
+    "vit_h": SamVariant("vit_h", sam_model_registry["vit_h"], 1280, "sam_vit_h_4b8939.pth"),
+    "vit_l": SamVariant("vit_l", sam_model_registry["vit_l"], 1024, "sam_vit_l_0b3195.pth"),
+    "vit_b": SamVariant("vit_b", sam_model_registry["vit_b"], 768, "sam_vit_b_01ec64.pth"),
+    "tiny-random": SamVariant("tiny-random", build_tiny_sam, _TINY["embed_dim"]),
+}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto" → cuda if available else cpu; anything else is passed to torch.device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_sam(
+    variant: str,
+    checkpoint: str | os.PathLike | None = None,
+    download: bool = False,
+    device: str | torch.device = "auto",
+    cache_dir: str | os.PathLike | None = None,
+) -> Sam:
+    """Build a SAM model in eval mode on `device`.
+
+    Args:
+      variant: "vit_h", "vit_l", "vit_b" or "tiny-random".
+      checkpoint: a state-dict file (or a folder holding the official file name). Real
+        variants need one, unless `download` or the official file is already in `cache_dir`.
+        Optional for tiny-random (random weights otherwise).
+      download: fetch the official checkpoint into `cache_dir` when no checkpoint is given.
+      device: "auto" (cuda if available, else cpu), "cpu", "cuda:1", ...
+      cache_dir: download folder, default `~/.cache/clipsam_jax/sam`.
+
+    Raises:
+      CheckpointError: unknown variant, missing/corrupt file, weights of another variant,
+        failed download or hash check.
+    """
+    spec = _variant(variant)
+    path = _resolve_checkpoint(spec, checkpoint, download, cache_dir)
+    if path is None:
+        log.warning(TINY_WARNING)
+        sam = spec.builder()
+    else:
+        state = _load_state_dict(path)
+        _check_variant(state, spec, path)
+        if spec.name == "tiny-random":
+            log.warning(TINY_WARNING)
+        sam = spec.builder()
+        try:
+            sam.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{path}: not a complete {spec.name} SAM state dict: {_summary(err)}"
+            ) from err
+    return sam.to(resolve_device(device)).eval()
+
+
+def _variant(name: str) -> SamVariant:
+    if name not in SAM_VARIANTS:
+        raise CheckpointError(f"unknown SAM variant {name!r}; valid: {', '.join(SAM_VARIANTS)}")
+    return SAM_VARIANTS[name]
+
+
+def _resolve_checkpoint(
+    spec: SamVariant,
+    checkpoint: str | os.PathLike | None,
+    download: bool,
+    cache_dir: str | os.PathLike | None,
+) -> Path | None:
+    """The checkpoint file to load, downloading it if asked; None = random tiny weights."""
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if path.is_dir() and spec.filename:
+            path = path / spec.filename
+        if not path.is_file():
+            raise CheckpointError(
+                f"SAM checkpoint file not found: {path}. Give the {spec.name} weights "
+                f"({spec.filename or 'a tiny-random state dict'}) with --sam-checkpoint PATH"
+                + (" or fetch them with --download-sam." if spec.filename else ".")
+            )
+        return path
+    if spec.filename is None:
+        return None
+    cached = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / spec.filename
+    if cached.is_file():
+        log.info("using SAM %s checkpoint %s", spec.name, cached)
+        return cached
+    if download:
+        return download_checkpoint(spec, cached)
+    raise CheckpointError(
+        f"SAM {spec.name} needs its checkpoint file {spec.filename} (not found in {cached.parent}). "
+        f"Pass --sam-checkpoint PATH, or --download-sam to fetch it from {spec.url}."
+    )
+
+
+def download_checkpoint(spec: SamVariant, dst: Path) -> Path:
+    """Fetch the official file to `dst` (tqdm progress bar), verify the name's hash prefix.
+
+    The file lands under a temporary name and is only renamed to `dst` once verified.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".part", dir=dst.parent)
+    os.close(fd)
+    try:
+        log.info("downloading SAM %s from %s to %s", spec.name, spec.url, dst)
+        try:
+            # hash_prefix=None: torch.hub would check SHA256, SAM names carry the MD5 prefix.
+            torch.hub.download_url_to_file(spec.url, tmp, hash_prefix=None, progress=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"could not download SAM {spec.name} from {spec.url}: {err}. Download it by "
+                f"hand and pass --sam-checkpoint PATH."
+            ) from err
+        verify_hash_prefix(Path(tmp), spec.hash_prefix)
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    return dst
+
+
+def verify_hash_prefix(path: Path, prefix: str) -> None:
+    """Raise CheckpointError unless the MD5 or SHA256 hex digest of `path` starts with
+    `prefix` (see the module docstring for why both)."""
+    md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+            sha256.update(block)
+    digests = {"md5": md5.hexdigest(), "sha256": sha256.hexdigest()}
+    if not any(d.startswith(prefix.lower()) for d in digests.values()):
+        raise CheckpointError(
+            f"{path}: hash check failed, expected a digest starting with {prefix!r} (from the "
+            f"official file name), got md5 {digests['md5']}, sha256 {digests['sha256']}. "
+            "The download is incomplete or altered and was discarded; retry, or fetch the "
+            "file by hand and pass --sam-checkpoint PATH."
+        )
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only (weights_only): a SAM checkpoint is a plain state dict."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: cannot read SAM checkpoint (corrupt or not a PyTorch file): {_summary(err)}"
+        ) from err
+    # Some re-exports wrap the weights; the official files are the bare state dict.
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a SAM state dict (a dict of tensors expected)")
+    return state
+
+
+def identify_variant(state: dict[str, torch.Tensor]) -> str | None:
+    """The registry variant whose encoder width matches the state dict, None if none does."""
+    weight = state.get("image_encoder.patch_embed.proj.weight")
+    if weight is None or weight.ndim != 4:
+        return None
+    for spec in SAM_VARIANTS.values():
+        if weight.shape[0] == spec.embed_dim:
+            return spec.name
+    return None
+
+
+def _check_variant(state: dict[str, torch.Tensor], spec: SamVariant, path: Path) -> None:
+    """Fail early and clearly on weights of another SAM size (before building the model)."""
+    if "image_encoder.patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{path}: not a SAM checkpoint (no image_encoder.patch_embed)")
+    found = identify_variant(state)
+    if found != spec.name:
+        width = state["image_encoder.patch_embed.proj.weight"].shape[0]
+        looks = f"looks like {found}" if found else f"has an unknown encoder width {width}"
+        raise CheckpointError(
+            f"{path}: SAM variant mismatch: --sam {spec.name} expects encoder width "
+            f"{spec.embed_dim}, but this checkpoint {looks}. Pass the matching --sam or file."
+        )
+
+
+def _summary(err: BaseException, limit: int = 300) -> str:
+    """A one-line, bounded summary of an exception (torch's load errors span many lines)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W) gray, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA → uint8 (H, W, 3) RGB.
+
+    uint8 passes through; floats are taken as [0, 1] and scaled. Alpha is dropped.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image must be (H, W), (H, W, 1|3|4), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.floating):
+            raise ValueError(f"image must be uint8 or float in [0, 1], got {image.dtype}")
+        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+_AUTOCAST = {
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class SamRefiner:
+    """SAM on one image at a time: one embedding per image, all its boxes in one batch.
+
+    Args:
+      model: a SAM model (see `build_sam`); its device is used.
+      max_boxes_per_call: split an image's boxes into chunks of this size (memory bound for
+        images with very many components); None = all in one call.
+      autocast: None (default, fp32), "fp16" or "bf16" mixed precision, CUDA only.
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        max_boxes_per_call: int | None = None,
+        autocast: str | None = None,
+    ) -> None:
+        if max_boxes_per_call is not None and max_boxes_per_call < 1:
+            raise ConfigError(f"max_boxes_per_call must be >= 1, got {max_boxes_per_call}")
+        if autocast is not None:
+            if autocast not in _AUTOCAST:
+                raise ConfigError(f"autocast must be one of {sorted(_AUTOCAST)}, got {autocast!r}")
+            if model.device.type != "cuda":
+                raise ConfigError(
+                    f"autocast={autocast!r} needs SAM on CUDA, it is on {model.device}"
+                )
+        self.predictor = SamPredictor(model)
+        self.max_boxes_per_call = max_boxes_per_call
+        self.autocast = autocast
+
+    @classmethod
+    def from_config(
+        cls, config: RefineConfig, cache_dir: str | None = None, **kwargs
+    ) -> SamRefiner:
+        """Build SAM from `RefineConfig` (sam, sam_checkpoint, download_sam, device)."""
+        if config.sam == "none":
+            raise ConfigError("RefineConfig.sam is 'none': there is no SAM to build")
+        model = build_sam(
+            config.sam, config.sam_checkpoint, config.download_sam, config.device, cache_dir
+        )
+        return cls(model, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.predictor.device
+
+    def refine(
+        self, image_rgb: np.ndarray, prompts: Prompts, multimask: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """SAM masks for every box of one image (Eq. 8).
+
+        Args:
+          image_rgb: the original image, (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA.
+          prompts: boxes and points in this image's pixel coordinates.
+          multimask: k = 3 masks per box (paper) or k = 1.
+
+        Returns:
+          masks bool (q, k, H, W) at the original resolution, scores float32 (q, k).
+          q = 0 returns empty arrays without running SAM.
+        """
+        image = to_rgb_uint8(image_rgb)
+        hw = image.shape[:2]
+        if tuple(prompts.image_hw) != hw:
+            raise ValueError(f"prompts are for an image of size {prompts.image_hw}, got {hw}")
+        k = 3 if multimask else 1
+        q = prompts.num_boxes
+        if q == 0:
+            return np.zeros((0, k, *hw), dtype=bool), np.zeros((0, k), dtype=np.float32)
+        step = self.max_boxes_per_call or q
+        masks, scores = [], []
+        with torch.inference_mode(), self._autocast():
+            self.predictor.set_image(image)  # the image embedding, once per image
+            for start in range(0, q, step):
+                m, s = self._predict(prompts.select(slice(start, start + step)), hw, multimask)
+                masks.append(m)
+                scores.append(s)
+        self.predictor.reset_image()  # drop the embedding, do not keep it between images
+        return np.concatenate(masks), np.concatenate(scores)
+
+    def _predict(
+        self, prompts: Prompts, hw: tuple[int, int], multimask: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One batched decoder call for all boxes in `prompts`."""
+        transform, device = self.predictor.transform, self.device
+        boxes = torch.as_tensor(prompts.boxes, dtype=torch.float32, device=device)
+        boxes = transform.apply_boxes_torch(boxes, hw)
+        coords = labels = None
+        if prompts.points.shape[1] > 0:
+            coords = torch.as_tensor(prompts.points, dtype=torch.float32, device=device)
+            coords = transform.apply_coords_torch(coords, hw)
+            labels = torch.as_tensor(prompts.point_labels, dtype=torch.int32, device=device)
+        masks, scores, _ = self.predictor.predict_torch(
+            coords, labels, boxes=boxes, multimask_output=multimask
+        )
+        return masks.cpu().numpy(), scores.float().cpu().numpy()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=_AUTOCAST[self.autocast])

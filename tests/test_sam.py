@@ -1,0 +1,325 @@
+"""SAM refiner with the tiny random model, and checkpoint handling of `build_sam`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("segment_anything")
+
+from clipsam_jax.config import RefineConfig  # noqa: E402
+from clipsam_jax.errors import CheckpointError, ConfigError  # noqa: E402
+from clipsam_jax.refine import sam as sam_mod  # noqa: E402
+from clipsam_jax.refine.prompts import extract_prompts  # noqa: E402
+from clipsam_jax.refine.sam import (  # noqa: E402
+    SAM_VARIANTS,
+    SamRefiner,
+    SamVariant,
+    build_sam,
+    download_checkpoint,
+    resolve_device,
+    verify_hash_prefix,
+)
+
+IMAGE_HW = (90, 140)  # non-square
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Two shared cores: torch's intra-op threads spin against other processes (50× slower).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_sam("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def refiner(tiny):
+    return SamRefiner(tiny)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rough = np.zeros((16, 16), dtype=np.float32)
+    rough[2:5, 1:6] = 0.9
+    rough[9:14, 10:13] = 0.8
+    rough[12, 2] = 0.6
+    p = extract_prompts(rough, 0.47, 4, IMAGE_HW, np.random.default_rng(0))
+    assert p.num_boxes == 3
+    return p
+
+
+# ---------------------------------------------------------------- refiner
+
+
+def test_shapes_non_square(refiner, image, prompts):
+    masks, scores = refiner.refine(image, prompts)
+    assert masks.shape == (3, 3, *IMAGE_HW) and masks.dtype == bool
+    assert scores.shape == (3, 3) and scores.dtype == np.float32
+    assert np.isfinite(scores).all()
+    masks1, scores1 = refiner.refine(image, prompts, multimask=False)
+    assert masks1.shape == (3, 1, *IMAGE_HW) and scores1.shape == (3, 1)
+
+
+def test_batched_equals_one_by_one(refiner, image, prompts):
+    masks, scores = refiner.refine(image, prompts)
+    # The tiny model's masks are not trivial, so the comparison means something.
+    assert 0 < masks.mean() < 1
+    singles = [refiner.refine(image, prompts.select(slice(i, i + 1))) for i in range(3)]
+    np.testing.assert_array_equal(np.concatenate([m for m, _ in singles]), masks)
+    np.testing.assert_allclose(np.concatenate([s for _, s in singles]), scores, atol=1e-5)
+    chunked_masks, chunked_scores = SamRefiner(refiner.predictor.model, 2).refine(image, prompts)
+    np.testing.assert_array_equal(chunked_masks, masks)
+    np.testing.assert_allclose(chunked_scores, scores, atol=1e-5)
+
+
+def test_matches_segment_anything_numpy_predict(tiny, image, prompts):
+    # SamPredictor.predict maps original-image prompts itself: the batched torch path must
+    # agree with it box by box (catches a missing or doubled coordinate transform).
+    masks, scores = SamRefiner(tiny).refine(image, prompts)
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(tiny)
+    predictor.set_image(image)
+    for i in range(prompts.num_boxes):
+        m, s, _ = predictor.predict(
+            prompts.points[i], prompts.point_labels[i], prompts.boxes[i], multimask_output=True
+        )
+        np.testing.assert_array_equal(m, masks[i])
+        np.testing.assert_allclose(s, scores[i], atol=1e-5)
+
+
+def test_zero_boxes_skip_sam(tiny, image):
+    refiner = SamRefiner(tiny)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("SAM must not run without boxes")
+
+    refiner.predictor.set_image = boom
+    empty = extract_prompts(np.zeros((8, 8)), 0.47, 5, IMAGE_HW, np.random.default_rng(0))
+    masks, scores = refiner.refine(image, empty)
+    assert masks.shape == (0, 3, *IMAGE_HW) and masks.dtype == bool
+    assert scores.shape == (0, 3) and scores.dtype == np.float32
+
+
+def test_grayscale_and_rgba_accepted(refiner, image, prompts):
+    gray = image[..., 0]
+    expected = refiner.refine(np.repeat(gray[..., None], 3, axis=-1), prompts)
+    got = refiner.refine(gray, prompts)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], atol=1e-6)
+    rgba = np.concatenate([image, np.full((*IMAGE_HW, 1), 7, np.uint8)], axis=-1)
+    np.testing.assert_array_equal(
+        refiner.refine(rgba, prompts)[0], refiner.refine(image, prompts)[0]
+    )
+
+
+def test_per_component_padded_points_run(refiner, image):
+    rough = np.zeros((16, 16), dtype=np.float32)
+    rough[2:6, 2:6] = 0.9
+    rough[10, 10] = 0.9  # one cell: padded with label -1
+    p = extract_prompts(rough, 0.5, 3, IMAGE_HW, np.random.default_rng(0), per_component=True)
+    masks, scores = refiner.refine(image, p)
+    assert masks.shape == (2, 3, *IMAGE_HW) and np.isfinite(scores).all()
+
+
+def test_prompts_for_another_size_rejected(refiner, image, prompts):
+    with pytest.raises(ValueError, match="size"):
+        refiner.refine(image[:50], prompts)
+
+
+def test_autocast_needs_cuda(tiny):
+    with pytest.raises(ConfigError, match="CUDA"):
+        SamRefiner(tiny, autocast="bf16")
+
+
+def test_from_config_and_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        refiner = SamRefiner.from_config(RefineConfig(sam="tiny-random", device="cpu"))
+    assert "RANDOM weights" in caplog.text and "meaningless" in caplog.text
+    assert refiner.device.type == "cpu"
+    with pytest.raises(ConfigError):
+        SamRefiner.from_config(RefineConfig(sam="none"))
+
+
+def test_device_auto():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_library_imports_without_torch():
+    code = (
+        "import sys, clipsam_jax.refine as r; r.extract_prompts; r.fuse; "
+        "assert 'torch' not in sys.modules and 'segment_anything' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- build_sam errors
+
+
+def test_registry():
+    assert set(SAM_VARIANTS) == {"vit_h", "vit_l", "vit_b", "tiny-random"}
+    assert SAM_VARIANTS["vit_h"].url == (
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
+    )
+    assert SAM_VARIANTS["vit_b"].hash_prefix == "01ec64"
+
+
+def test_unknown_variant_lists_valid_names():
+    with pytest.raises(CheckpointError, match=r"vit_h, vit_l, vit_b, tiny-random"):
+        build_sam("vit_x")
+
+
+def test_missing_checkpoint_file(tmp_path):
+    missing = tmp_path / "sam_vit_h_4b8939.pth"
+    with pytest.raises(CheckpointError) as err:
+        build_sam("vit_h", checkpoint=missing)
+    assert str(missing) in str(err.value) and "--download-sam" in str(err.value)
+    assert "--sam-checkpoint" in str(err.value)
+
+
+def test_no_checkpoint_no_download(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        build_sam("vit_l", cache_dir=tmp_path)
+    text = str(err.value)
+    assert "sam_vit_l_0b3195.pth" in text and "--download-sam" in text
+    assert "--sam-checkpoint PATH" in text
+
+
+def test_wrong_variant_tiny_weights_as_vit_b(tmp_path, tiny):
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"mismatch.*vit_b.*looks like tiny-random"):
+        build_sam("vit_b", checkpoint=path)
+
+
+def test_wrong_variant_vit_h_shaped_tensors(tmp_path):
+    # Only the distinguishing tensor, shaped like vit_h's patch embedding (1280 channels).
+    path = tmp_path / "fake_vit_h.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1280, 3, 16, 16)}, path)
+    with pytest.raises(CheckpointError, match=r"--sam vit_b.*looks like vit_h"):
+        build_sam("vit_b", checkpoint=path)
+    with pytest.raises(CheckpointError, match="looks like vit_h"):
+        build_sam("tiny-random", checkpoint=path)
+
+
+def test_corrupt_and_foreign_files(tmp_path):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x80\x02 this is not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        build_sam("vit_b", checkpoint=corrupt)
+    tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(CheckpointError, match="state dict"):
+        build_sam("vit_b", checkpoint=tensor)
+    other = tmp_path / "other.pth"
+    torch.save({"backbone.weight": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a SAM checkpoint"):
+        build_sam("vit_b", checkpoint=other)
+
+
+def test_tiny_checkpoint_round_trip_and_incomplete(tmp_path, tiny, image, prompts):
+    state = tiny.state_dict()
+    path = tmp_path / "tiny.pth"
+    torch.save(state, path)
+    loaded = build_sam("tiny-random", checkpoint=path, device="cpu")
+    a, b = SamRefiner(tiny).refine(image, prompts), SamRefiner(loaded).refine(image, prompts)
+    np.testing.assert_array_equal(a[0], b[0])
+    state.pop("mask_decoder.iou_token.weight")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="not a complete tiny-random"):
+        build_sam("tiny-random", checkpoint=path)
+
+
+def test_tiny_build_is_deterministic_and_keeps_global_rng(tiny):
+    before = torch.random.get_rng_state()
+    again = build_sam("tiny-random", device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for (name, x), (_, y) in zip(tiny.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+# ---------------------------------------------------------------- download and hash check
+
+
+def test_verify_hash_prefix(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"segment anything" * 1000)
+    data = path.read_bytes()
+    verify_hash_prefix(path, hashlib.md5(data).hexdigest()[:6])
+    verify_hash_prefix(path, hashlib.sha256(data).hexdigest()[:6])
+    with pytest.raises(CheckpointError, match="hash check failed"):
+        verify_hash_prefix(path, "zzzzzz")  # not hex: matches no digest
+
+
+def _fake_downloader(payload: bytes, calls: list):
+    def download(url, dst, hash_prefix=None, progress=True):
+        calls.append(url)
+        Path(dst).write_bytes(payload)
+
+    return download
+
+
+def test_download_verifies_then_moves(tmp_path, monkeypatch):
+    payload = b"pretend checkpoint"
+    prefix = hashlib.md5(payload).hexdigest()[:6]
+    spec = SamVariant("vit_test", SAM_VARIANTS["vit_b"].builder, 768, f"sam_vit_test_{prefix}.pth")
+    calls: list = []
+    monkeypatch.setattr(sam_mod.torch.hub, "download_url_to_file", _fake_downloader(payload, calls))
+    dst = tmp_path / spec.filename
+    assert download_checkpoint(spec, dst) == dst
+    assert dst.read_bytes() == payload
+    assert calls == [f"https://dl.fbaipublicfiles.com/segment_anything/{spec.filename}"]
+    assert [p.name for p in tmp_path.iterdir()] == [spec.filename]  # no temp file left
+
+
+def test_download_bad_hash_leaves_nothing(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(sam_mod.torch.hub, "download_url_to_file", _fake_downloader(b"x", calls))
+    with pytest.raises(CheckpointError, match="hash check failed"):
+        build_sam("vit_b", download=True, cache_dir=tmp_path)
+    assert calls == [SAM_VARIANTS["vit_b"].url]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_network_error(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(sam_mod.torch.hub, "download_url_to_file", fail)
+    with pytest.raises(CheckpointError, match=r"could not download.*--sam-checkpoint"):
+        build_sam("vit_h", download=True, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- full size (skipped by default)
+
+
+@pytest.mark.full_size
+def test_vit_b_random_weights_and_mismatch(tmp_path):
+    vit_b = SAM_VARIANTS["vit_b"].builder()
+    path = tmp_path / "vit_b.pth"
+    torch.save(vit_b.state_dict(), path)
+    assert sam_mod.identify_variant(vit_b.state_dict()) == "vit_b"
+    with pytest.raises(CheckpointError, match="looks like vit_b"):
+        build_sam("vit_h", checkpoint=path)
+    build_sam("vit_b", checkpoint=path, device="cpu")

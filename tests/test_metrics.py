@@ -1,0 +1,425 @@
+"""Tests of clipsam_jax.metrics: sklearn parity, closed-form PRO, references, edge cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import (
+    auc,
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+)
+
+from clipsam_jax.metrics import (
+    METRIC_KEYS,
+    Metrics,
+    MetricsInputError,
+    StreamingPixelMetrics,
+    binary_metrics,
+    compute_metrics,
+    format_table,
+    mean_over_classes,
+)
+
+# ---------------------------------------------------------------- references and fixtures
+
+
+def sklearn_f1_max(labels, scores) -> float:
+    """Max F1 = 2PR/(P+R) over sklearn's precision_recall_curve, 0 where P+R = 0."""
+    p, r, _ = precision_recall_curve(labels, scores)
+    denom = p + r
+    f1 = np.divide(2 * p * r, denom, out=np.zeros_like(denom), where=denom > 0)
+    return float(f1.max())
+
+
+def sklearn_triple(labels, scores) -> tuple[float, float, float]:
+    return (
+        roc_auc_score(labels, scores),
+        average_precision_score(labels, scores),
+        sklearn_f1_max(labels, scores),
+    )
+
+
+def regions_of(masks):
+    """[(image index, bool region mask (H, W))] with 8-connectivity, labelled once."""
+    out = []
+    for i, mask in enumerate(masks):
+        labels, k = ndimage.label(mask, structure=np.ones((3, 3)))
+        out += [(i, labels == r) for r in range(1, k + 1)]
+    return out
+
+
+def reference_cal_pro_score(maps, masks, max_step=200, expect_fpr=0.3):
+    """Straightforward loop re-implementation of APRIL-GAN/AnomalyCLIP `cal_pro_score`."""
+    regions = regions_of(masks)
+    normal = ~masks
+    min_th, max_th = maps.min(), maps.max()
+    delta = (max_th - min_th) / max_step
+    pros, fprs = [], []
+    for th in np.arange(min_th, max_th, delta):
+        binary = maps > th
+        pros.append(np.mean([binary[i][r].sum() / r.sum() for i, r in regions]))
+        fprs.append(np.logical_and(normal, binary).sum() / normal.sum())
+    pros, fprs = np.array(pros), np.array(fprs)
+    keep = fprs < expect_fpr
+    fprs = fprs[keep]
+    fprs = (fprs - fprs.min()) / (fprs.max() - fprs.min())
+    return auc(fprs, pros[keep])
+
+
+def reference_mvtec_pro(maps, masks, max_fpr=0.3):
+    """MVTec AD PRO the long way: argsort, per-pixel region weights, keep the last of ties."""
+    weights = np.zeros(masks.shape)
+    regions = regions_of(masks)
+    for i, r in regions:
+        weights[i][r] = 1.0 / (r.sum() * len(regions))
+    order = np.argsort(-maps.ravel().astype(np.float64), kind="stable")
+    s = maps.ravel()[order]
+    fpr = np.cumsum(~masks.ravel()[order]) / (~masks).sum()
+    pro = np.cumsum(weights.ravel()[order])
+    last = np.append(np.diff(s) != 0, True)
+    x = np.concatenate(([0.0], fpr[last], [1.0]))
+    y = np.concatenate(([0.0], pro[last], [1.0]))
+    area = 0.0
+    for j in range(1, x.size):
+        if x[j] > max_fpr:
+            y_cut = y[j - 1] + (y[j] - y[j - 1]) * (max_fpr - x[j - 1]) / (x[j] - x[j - 1])
+            area += 0.5 * (y[j - 1] + y_cut) * (max_fpr - x[j - 1])
+            break
+        area += 0.5 * (y[j] + y[j - 1]) * (x[j] - x[j - 1])
+    return area / max_fpr
+
+
+def blob_masks(rng, n, h, w, anomalous_every=2, max_radius=5):
+    """bool (n, h, w): discs in every `anomalous_every`-th image, 1-3 per image."""
+    yy, xx = np.mgrid[:h, :h] if h == w else np.mgrid[:h, :w]
+    masks = np.zeros((n, h, w), dtype=bool)
+    for i in range(0, n, anomalous_every):
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.integers(0, h), rng.integers(0, w)
+            r = rng.integers(1, max_radius + 1)
+            masks[i] |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    return masks
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# ---------------------------------------------------------------- sklearn parity
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("levels", [3, 9, 1000])
+def test_binary_metrics_match_sklearn_with_ties(seed, levels):
+    rng = np.random.default_rng(seed)
+    n = 400
+    # quantized scores (many ties), negative values and both signed zeros included
+    scores = (rng.integers(-levels, levels + 1, n) / levels).astype(np.float32)
+    scores[rng.random(n) < 0.1] = -0.0
+    labels = rng.random(n) < (0.05 + 0.4 * rng.random())
+    labels[0], labels[1] = True, False  # both classes present
+    ours = binary_metrics(scores, labels)
+    np.testing.assert_allclose(ours, sklearn_triple(labels, scores), rtol=0, atol=1e-6)
+
+
+def test_binary_metrics_all_positive_and_all_negative():
+    scores = np.array([0.1, 0.5, 0.5, 0.9], dtype=np.float32)
+    auroc, ap, f1 = binary_metrics(scores, np.ones(4, dtype=bool))
+    assert math.isnan(auroc) and ap == pytest.approx(1.0) and f1 == pytest.approx(1.0)
+    assert all(math.isnan(v) for v in binary_metrics(scores, np.zeros(4, dtype=bool)))
+
+
+@pytest.mark.parametrize("pro_mode", ["mvtec", "cflow"])
+def test_pixel_and_image_metrics_match_sklearn(rng, pro_mode):
+    masks = blob_masks(rng, 12, 24, 20, anomalous_every=2)
+    maps = np.round(rng.random(masks.shape) * 12 + 5 * masks * rng.random(masks.shape)) / 4
+    maps = maps.astype(np.float32)  # quantized: ties within and across images
+    m = compute_metrics(maps, masks, pro_mode=pro_mode)
+    pix = sklearn_triple(masks.ravel(), maps.ravel())
+    np.testing.assert_allclose(
+        [m["pixel_auroc"], m["pixel_ap"], m["pixel_f1_max"]], pix, rtol=0, atol=1e-6
+    )
+    img = sklearn_triple(masks.any(axis=(1, 2)), maps.max(axis=(1, 2)))
+    np.testing.assert_allclose(
+        [m["image_auroc"], m["image_ap"], m["image_f1_max"]], img, rtol=0, atol=1e-6
+    )
+
+
+def test_float16_maps_give_the_float32_result(rng):
+    masks = blob_masks(rng, 6, 16, 16)
+    maps16 = rng.random(masks.shape).astype(np.float16)
+    a = compute_metrics(maps16, masks)
+    b = compute_metrics(maps16.astype(np.float32), masks)
+    assert a == b
+    assert a["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps16.ravel()))
+
+
+# ---------------------------------------------------------------- PRO
+
+
+def hand_built_pro_case():
+    """Two images (2 × 4 px) with regions A (2 px) and B (4 px, a diagonal zigzag) and 10
+    normal pixels, scores chosen so the MVTec PRO curve is known in closed form."""
+    masks = np.zeros((2, 2, 4), dtype=bool)
+    maps = np.zeros((2, 2, 4), dtype=np.float32)
+    # image 0: A = (0,0),(0,1) at 0.95; six normal pixels
+    masks[0, 0, :2] = True
+    maps[0, 0, :2] = 0.95
+    maps[0, 0, 2:] = [0.9, 0.8]
+    maps[0, 1, :] = [0.7, 0.7, 0.5, 0.4]
+    # image 1: B = (0,0),(1,1),(0,2),(1,3): only diagonally connected (one 8-connected region,
+    # four 4-connected ones); two pixels at 0.7 (tied with two normals), two at 0.05
+    b = [(0, 0), (1, 1), (0, 2), (1, 3)]
+    for (r, c), s in zip(b, [0.7, 0.7, 0.05, 0.05]):
+        masks[1, r, c] = True
+        maps[1, r, c] = s
+    for (r, c), s in zip([(1, 0), (0, 1), (1, 2), (0, 3)], [0.3, 0.2, 0.1, 0.0]):
+        maps[1, r, c] = s
+    return maps, masks
+
+
+def test_mvtec_pro_closed_form():
+    maps, masks = hand_built_pro_case()
+    # N = 10 normal pixels, so each normal pixel adds 0.1 to the FPR. Regions A, B (R = 2).
+    # Curve, thresholds descending:
+    #   t = 0.95: A fully in               → (FPR, PRO) = (0.0, (1 + 0)/2   = 0.5)
+    #   t = 0.9, 0.8: one normal each      → (0.1, 0.5), (0.2, 0.5)
+    #   t = 0.7: two normals and half of B → (0.4, (1 + 2/4)/2 = 0.75)  (a diagonal segment)
+    # Interpolation at FPR 0.3 on (0.2, 0.5)–(0.4, 0.75): 0.5 + 0.25 · (0.1 / 0.2) = 0.625.
+    # Area over [0, 0.3]: 0.2 · 0.5 + 0.1 · (0.5 + 0.625) / 2 = 0.1 + 0.05625 = 0.15625.
+    expected = 0.15625 / 0.3  # = 0.5208333…
+    m = compute_metrics(maps, masks, pro_mode="mvtec")
+    assert m["pro"] == pytest.approx(expected, abs=1e-12)
+    assert m.pro_mode == "mvtec"
+    # with 4-connectivity B would be four 1-px regions: PRO(0.7) = (1 + 1 + 1)/5 = 0.6 ≠ 0.75
+    assert expected == pytest.approx(reference_mvtec_pro(maps, masks), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mvtec_pro_matches_reference_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    masks = blob_masks(rng, 8, 20, 20, anomalous_every=2)
+    maps = (np.round(rng.random(masks.shape) * 20 + 8 * masks) / 16).astype(np.float32)
+    ours = compute_metrics(maps, masks, pro_mode="mvtec")["pro"]
+    assert ours == pytest.approx(reference_mvtec_pro(maps, masks), abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "integer", "float16"])
+def test_cflow_pro_matches_reference_loop(rng, kind):
+    masks = blob_masks(rng, 8, 24, 24, anomalous_every=2)
+    raw = rng.random(masks.shape) + 0.6 * masks
+    if kind == "integer":
+        # scores 0..200 with min 0 and max 200: step 1, thresholds hit the scores exactly,
+        # so strict `>` against `≥` changes the counts
+        maps = np.round(raw / raw.max() * 200).astype(np.float32)
+        maps[0, 0, 0] = 0.0
+    elif kind == "float16":
+        maps = raw.astype(np.float16)
+    else:
+        maps = raw.astype(np.float32)
+    ours = compute_metrics(maps, masks, pro_mode="cflow")
+    assert ours.pro_mode == "cflow"
+    assert ours["pro"] == pytest.approx(reference_cal_pro_score(maps, masks), abs=1e-6)
+
+
+def test_pro_modes_differ_where_fpr_is_rescaled(rng):
+    # 90 % of normal pixels score exactly 0, so every cflow threshold has FPR ≤ 0.1: cflow
+    # stretches FPR ∈ [0, 0.1] to [0, 1] and, with PRO ≈ 1 - th ≈ FPR/0.1, gets ≈ 0.5.
+    # MVTec: PRO = FPR/0.1 up to FPR 0.1, then 1 (the tie at 0 holds normals only):
+    # (0.1 · 0.5 + 0.2 · 1) / 0.3 = 0.25 / 0.3 ≈ 0.8333.
+    masks = blob_masks(rng, 20, 32, 32, anomalous_every=1, max_radius=6)
+    maps = rng.random(masks.shape).astype(np.float32)
+    zero = ~masks & (rng.random(masks.shape) < 0.9)
+    maps[zero] = 0.0
+    mv = compute_metrics(maps, masks, pro_mode="mvtec")["pro"]
+    cf = compute_metrics(maps, masks, pro_mode="cflow")["pro"]
+    assert mv == pytest.approx(0.25 / 0.3, abs=0.02)
+    assert cf == pytest.approx(0.5, abs=0.02)
+    assert cf == pytest.approx(reference_cal_pro_score(maps, masks), abs=1e-6)
+
+
+def test_cflow_nan_when_kept_fprs_collapse():
+    # 3 normal pixels at 0, 0.1, 0.2 and one anomaly at 1: FPR is 2/3, 1/3 (both ≥ 0.3,
+    # dropped) or 0; the kept FPRs are all 0 and the reference's rescaling divides 0 by 0
+    masks = np.zeros((1, 1, 4), dtype=bool)
+    masks[0, 0, 3] = True
+    maps = np.array([[[0.0, 0.1, 0.2, 1.0]]], dtype=np.float32)
+    assert math.isnan(compute_metrics(maps, masks, pro_mode="cflow")["pro"])
+    assert compute_metrics(maps, masks, pro_mode="mvtec")["pro"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- sanity on synthetic maps
+
+
+def test_perfect_and_inverted_maps(rng):
+    masks = blob_masks(rng, 10, 32, 32, anomalous_every=2)
+    # normals spread over [0, 0.5), anomalies all at the max: perfect for every metric,
+    # including cflow (PRO = 1 at all 200 thresholds)
+    maps = np.where(masks, 1.0, 0.5 * rng.random(masks.shape)).astype(np.float32)
+    for mode in ("mvtec", "cflow"):
+        m = compute_metrics(maps, masks, pro_mode=mode)
+        assert all(m[k] == pytest.approx(1.0, abs=1e-12) for k in METRIC_KEYS), (mode, m)
+    # inverted: anomalies at 0, the rest of anomalous images in [0.3, 0.5), normal images in
+    # [0.6, 1): every anomalous pixel and image ranks below every normal one
+    anomalous_image = masks.any(axis=(1, 2), keepdims=True)
+    rest = np.where(anomalous_image, 0.3, 0.6) + 0.2 * rng.random(masks.shape)
+    inv = compute_metrics(np.where(masks, 0.0, rest).astype(np.float32), masks)
+    assert inv["pixel_auroc"] == pytest.approx(0.0, abs=1e-12)
+    assert inv["image_auroc"] == pytest.approx(0.0, abs=1e-12)
+    assert inv["pro"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_uniform_noise(rng):
+    masks = blob_masks(rng, 20, 64, 64, anomalous_every=1, max_radius=8)
+    maps = rng.random(masks.shape).astype(np.float32)
+    m = compute_metrics(maps, masks)
+    assert m["pixel_auroc"] == pytest.approx(0.5, abs=0.01)
+    # PRO(t) ≈ FPR(t) on noise, so ∫_0^0.3 x dx / 0.3 = 0.045 / 0.3 = 0.15
+    assert m["pro"] == pytest.approx(0.15, abs=0.01)
+
+
+# ---------------------------------------------------------------- inputs and degenerate classes
+
+
+def test_result_type():
+    maps, masks = hand_built_pro_case()
+    m = compute_metrics(maps, masks, pro_mode="cflow")
+    assert isinstance(m, Metrics) and isinstance(m, dict)
+    assert list(m) == list(METRIC_KEYS)
+    assert all(type(v) is float for v in m.values())
+    assert m.pro_mode == "cflow" and m.exact
+    assert json.dumps(m) == json.dumps(dict(m))  # serializes like a plain dict
+
+
+def test_validation_errors():
+    maps = np.zeros((2, 4, 4), dtype=np.float32)
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    with pytest.raises(ValueError, match=r"\(2, 4, 4\).*\(2, 4, 5\)"):
+        compute_metrics(maps, np.zeros((2, 4, 5), dtype=bool))
+    with pytest.raises(ValueError, match="N, H, W"):
+        compute_metrics(maps[0], masks[0])
+    bad = maps.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        compute_metrics(bad, masks)
+    bad[1, 2, 3] = np.inf
+    with pytest.raises(ValueError, match="inf"):
+        compute_metrics(bad, masks)
+    with pytest.raises(ValueError, match=r"only 0 and 1.*255"):
+        compute_metrics(maps, np.full((2, 4, 4), 255, dtype=np.uint8))
+    with pytest.raises(ValueError, match="pro_mode"):
+        compute_metrics(maps, masks, pro_mode="auc")
+    with pytest.raises(MetricsInputError):  # also a ClipSamError for the CLI
+        compute_metrics(maps.astype(bool), masks)
+
+
+def test_zero_one_integer_masks_are_accepted(rng):
+    masks = blob_masks(rng, 4, 16, 16)
+    maps = rng.random(masks.shape).astype(np.float32)
+    assert compute_metrics(maps, masks.astype(np.uint8)) == compute_metrics(maps, masks)
+
+
+def test_class_without_anomalies_gives_nan(rng):
+    maps = rng.random((3, 8, 8)).astype(np.float32)
+    m = compute_metrics(maps, np.zeros(maps.shape, dtype=bool), pro_mode="cflow")
+    assert all(math.isnan(v) for v in m.values())
+
+
+def test_class_without_normal_pixels(rng):
+    maps = rng.random((3, 8, 8)).astype(np.float32)
+    m = compute_metrics(maps, np.ones(maps.shape, dtype=bool))
+    assert math.isnan(m["pixel_auroc"]) and math.isnan(m["pro"]) and math.isnan(m["image_auroc"])
+    assert m["pixel_ap"] == pytest.approx(1.0) and m["pixel_f1_max"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_peak_memory_per_pixel(rng):
+    n, h = 40, 518  # a fifth of a VisA class
+    masks = blob_masks(rng, n, h, h, anomalous_every=2, max_radius=40)
+    maps = rng.random(masks.shape, dtype=np.float32)
+    maps += 0.5 * masks
+    tracemalloc.start()
+    try:
+        compute_metrics(maps, masks)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    per_pixel = peak / maps.size
+    # 4 B/px for the sorted normal codes + a little per anomalous pixel; a float64 copy of
+    # the maps (8 B/px) or an argsort permutation (8 B/px) on top would break this bound
+    assert per_pixel < 10, f"peak {peak / 2**20:.0f} MiB = {per_pixel:.1f} B/px"
+
+
+# ---------------------------------------------------------------- streaming approximation
+
+
+def test_streaming_close_to_exact(rng):
+    masks = blob_masks(rng, 16, 48, 48, anomalous_every=2, max_radius=7)
+    maps = np.clip(rng.normal(0.35, 0.15, masks.shape) + 0.25 * masks, 0, 1)
+    maps = maps.astype(np.float32)
+    exact = compute_metrics(maps, masks)
+    acc = StreamingPixelMetrics(num_bins=4096)
+    for lo in range(0, 16, 5):  # uneven batches
+        acc.update(maps[lo : lo + 5], masks[lo : lo + 5])
+    approx = acc.compute()
+    assert not approx.exact and approx.pro_mode == "mvtec"
+    for key in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pro"):
+        assert approx[key] == pytest.approx(exact[key], abs=1e-3), key
+    for key in ("image_auroc", "image_ap", "image_f1_max"):
+        assert approx[key] == exact[key], key
+
+
+def test_streaming_exact_on_bin_grid(rng):
+    masks = blob_masks(rng, 6, 20, 20)
+    maps = (rng.integers(0, 64, masks.shape) / 64).astype(np.float32)  # bin lower edges
+    acc = StreamingPixelMetrics(num_bins=64)
+    acc.update(maps, masks)
+    approx, exact = acc.compute(), compute_metrics(maps, masks)
+    for key in METRIC_KEYS:
+        assert approx[key] == pytest.approx(exact[key], abs=1e-12), key
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_mean_over_classes_skips_nan():
+    per_class = {
+        "a": {"pixel_auroc": 0.9, "pro": float("nan"), "n_images": 10},
+        "b": {"pixel_auroc": 0.7, "pro": 0.6, "n_images": 20},
+        "c": {"pixel_auroc": float("nan"), "pro": float("nan")},
+    }
+    means = mean_over_classes(per_class)
+    assert means == {"pixel_auroc": pytest.approx(0.8), "pro": pytest.approx(0.6)}
+    assert math.isnan(mean_over_classes({"a": {"pro": float("nan")}})["pro"])
+
+
+def test_format_table():
+    rough = {"bottle": {"pixel_auroc": 0.9123, "pixel_f1_max": 0.5, "pixel_ap": 0.4, "pro": 0.8},
+             "cable": {"pixel_auroc": 0.8, "pixel_f1_max": 0.3, "pixel_ap": 0.2,
+                       "pro": float("nan")}}  # fmt: skip
+    final = {k: {m: v / 2 for m, v in d.items()} for k, d in rough.items()}
+    md, csv = format_table(rough, None)
+    assert (
+        md.splitlines()[0]
+        == "| class | AUROC (rough) | F1-max (rough) | AP (rough) | PRO (rough) |"
+    )
+    assert "| bottle | 91.2 | 50.0 | 40.0 | 80.0 |" in md
+    assert "| cable | 80.0 | 30.0 | 20.0 | nan |" in md
+    assert "| mean | 85.6 | 40.0 | 30.0 | 80.0 |" in md
+    md, csv = format_table(rough, final)
+    lines = csv.splitlines()
+    assert lines[0].split(",")[:2] == ["class", "pixel_auroc_rough"]
+    assert lines[0].split(",")[5] == "pixel_auroc_final"
+    assert lines[1] == "bottle,91.2,50.0,40.0,80.0,45.6,25.0,20.0,40.0"
+    assert lines[-1].startswith("mean,85.6,") and len(lines) == 4
+    assert "AUROC (final)" in md.splitlines()[0]

@@ -1,0 +1,126 @@
+"""Small building blocks of the heads: convolutions with a selectable formulation, attention,
+L2 normalization and the resizes the UMCI equations use.
+
+Convolutions keep Flax's `nn.Conv` parameter layout (kernel (kh, kw, in, out), bias (out,)) for
+every formulation, so checkpoints do not depend on the formulation chosen.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ConvImpl = Literal["auto", "xla", "matmul", "im2col"]
+
+
+def resolve_conv_impl(impl: ConvImpl) -> str:
+    """ "auto": shifted matmuls on CPU, where XLA's convolutions are slow (see
+    benchmarks/train_step.py), and cuDNN convolutions through `lax.conv` elsewhere."""
+    if impl == "auto":
+        return "matmul" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def _shifted_views(x: jax.Array, size: int) -> list[jax.Array]:
+    """The size×size neighbourhood of every pixel of (B, H, W, C) with zero 'same' padding, as
+    size² shifted views (row-major over the kernel)."""
+    pad = size // 2
+    height, width = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return [
+        padded[:, dy : dy + height, dx : dx + width] for dy in range(size) for dx in range(size)
+    ]
+
+
+class Conv2D(nn.Module):
+    """A k×k convolution, stride 1, zero 'same' padding: (B, H, W, C_in) → (B, H, W, features).
+
+    `impl`: "xla" (`lax.conv_general_dilated`), "matmul" (k² shifted matmuls, accumulated),
+    "im2col" (one matmul over the concatenated shifted views). Same function, same params.
+    """
+
+    features: int
+    kernel_size: int = 3
+    impl: ConvImpl = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        size, in_features = self.kernel_size, x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (size, size, in_features, self.features),
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        kernel = kernel.astype(x.dtype)
+        impl = resolve_conv_impl(self.impl)
+        if impl == "xla":
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        elif impl == "matmul":
+            views = _shifted_views(x, size)
+            taps = kernel.reshape(size * size, in_features, self.features)
+            y = sum(view @ taps[i] for i, view in enumerate(views))
+        elif impl == "im2col":
+            patches = jnp.concatenate(_shifted_views(x, size), axis=-1)
+            y = patches @ kernel.reshape(size * size * in_features, self.features)
+        else:
+            raise ValueError(f"unknown conv impl {impl!r}")
+        return y + bias.astype(x.dtype)
+
+
+class Conv1D(nn.Module):
+    """A k-tap convolution along the sequence axis with zero 'same' padding:
+    (B, L, C_in) → (B, L, features). Params as `nn.Conv` with kernel_size (k,)."""
+
+    features: int
+    kernel_size: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        size, in_features = self.kernel_size, x.shape[-1]
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (size, in_features, self.features)
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        pad, length = size // 2, x.shape[1]
+        padded = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+        kernel = kernel.astype(x.dtype)
+        y = sum(padded[:, i : i + length] @ kernel[i] for i in range(size))
+        return y + bias.astype(x.dtype)
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """Scaled dot-product attention, single head, no projections (Eq. 13).
+
+    query (B, Nq, d), key (B, Nk, d), value (B, Nk, d_v) → (B, Nq, d_v).
+    """
+    scores = jnp.einsum("bqd,bkd->bqk", query, key) / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+    return jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(scores, axis=-1), value)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) over the last axis (PyTorch's F.normalize)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def average_pool(x: jax.Array, size: int) -> jax.Array:
+    """Non-overlapping size×size mean pooling, stride = size, no padding, floor:
+    (B, H, W, C) → (B, H // size, W // size, C); trailing rows/columns are dropped (37 → 12)."""
+    batch, height, width, channels = x.shape
+    rows, cols = height // size, width // size
+    x = x[:, : rows * size, : cols * size]
+    return x.reshape(batch, rows, size, cols, size, channels).mean(axis=(2, 4))
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Bilinear resize of (B, h, w, C) to (B, height, width, C) with half-pixel centres, i.e.
+    PyTorch's `interpolate(mode="bilinear", align_corners=False)` when enlarging."""
+    if x.shape[1:3] == (height, width):
+        return x
+    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), method="bilinear")

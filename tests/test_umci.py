@@ -1,0 +1,243 @@
+"""UMCI head: hand-computed pieces, conv formulations, shapes, and parity with the PyTorch twin."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from clipsam_jax import torch_ref
+from clipsam_jax.config import HeadConfig, LossConfig
+from clipsam_jax.losses import dice_loss, focal_loss, total_loss
+from clipsam_jax.models.heads import build_head, rough_map
+from clipsam_jax.models.init import init_params
+from clipsam_jax.models.layers import Conv2D, attention, average_pool
+from clipsam_jax.models.umci import UMCIHead
+from conversion.head_params import flax_to_torch, torch_to_flax
+
+# ----------------------------------------------------------------------- hand-computed pieces
+
+
+def test_attention_hand_computed():
+    # Q = K = I (d = 2), V = [[1, 2], [3, 4]]: scores = I / sqrt(2); row 0 softmax is
+    # [e^a, 1] / (e^a + 1) with a = 1/sqrt(2), so out_0 = w*[1, 2] + (1-w)*[3, 4].
+    q = k = jnp.eye(2)[None]
+    v = jnp.array([[[1.0, 2.0], [3.0, 4.0]]])
+    w = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1)  # 0.66976
+    expected = [
+        [w * 1 + (1 - w) * 3, w * 2 + (1 - w) * 4],
+        [(1 - w) * 1 + w * 3, (1 - w) * 2 + w * 4],
+    ]
+    np.testing.assert_allclose(attention(q, k, v)[0], expected, rtol=1e-6)
+
+
+def test_gru_step_hand_computed():
+    """One Flax GRUCell step with c_h = 1 and weights set by hand (the equations of SPEC §2)."""
+    import flax.linen as nn
+
+    cell = nn.GRUCell(1)
+    k, b = lambda v: jnp.array([[v]]), lambda v: jnp.array([v])  # (in, out) kernels, (out,) bias
+    params = {
+        "ir": {"kernel": k(1.0), "bias": b(0.0)}, "hr": {"kernel": k(1.0)},
+        "iz": {"kernel": k(0.5), "bias": b(0.0)}, "hz": {"kernel": k(0.0)},
+        "in": {"kernel": k(2.0), "bias": b(0.0)}, "hn": {"kernel": k(1.0), "bias": b(0.0)},
+    }  # fmt: skip
+    x, h = 1.0, 0.5
+    sigmoid = lambda a: 1 / (1 + math.exp(-a))  # noqa: E731
+    r = sigmoid(1.0 * x + 1.0 * h)  # 0.8176
+    z = sigmoid(0.5 * x)  # 0.6225 (no hidden-side term: W_hz = 0, and no hidden bias)
+    n = math.tanh(2.0 * x + r * (1.0 * h))  # 0.9840
+    expected = (1 - z) * n + z * h  # 0.6827
+    new_h, _ = cell.apply({"params": params}, jnp.array([[h]]), jnp.array([[x]]))
+    np.testing.assert_allclose(new_h[0, 0], expected, rtol=1e-6)
+
+
+def test_strip_and_scale_pooling_hand_computed():
+    p = jnp.arange(6.0).reshape(1, 2, 3, 1)  # [[0, 1, 2], [3, 4, 5]]
+    np.testing.assert_allclose(p.mean(axis=2)[0, :, 0], [1.0, 4.0])  # rows: 1×W pooling
+    np.testing.assert_allclose(p.mean(axis=1)[0, :, 0], [1.5, 2.5, 3.5])  # columns: H×1
+    grid = jnp.arange(37.0 * 37.0).reshape(1, 37, 37, 1)
+    pooled = average_pool(grid, 3)
+    assert pooled.shape == (1, 12, 12, 1)  # floor: row/col 36 dropped
+    # cell (0, 0) averages rows 0-2, cols 0-2: values 0,1,2,37,38,39,74,75,76 → mean 38.
+    assert float(pooled[0, 0, 0, 0]) == pytest.approx(38.0)
+    # last cell: rows 33-35, cols 33-35, centre value 34*37 + 34 = 1292.
+    assert float(pooled[0, 11, 11, 0]) == pytest.approx(34 * 37 + 34)
+    assert average_pool(grid, 9).shape == (1, 4, 4, 1)
+    assert average_pool(jnp.zeros((1, 24, 24, 1)), 9).shape == (1, 2, 2, 1)
+
+
+def test_focal_and_dice_hand_computed():
+    # pixel A: logits [0, ln 3] → p1 = 3/4, anomalous → p_t = 0.75; pixel B: [0, 0], normal → 0.5.
+    logits = jnp.array([[[[0.0, math.log(3.0)], [0.0, 0.0]]]])  # (1, 1, 2, 2)
+    masks = jnp.array([[[True, False]]])
+    focal_a = -(0.25**2) * math.log(0.75)  # 0.017980
+    focal_b = -(0.5**2) * math.log(0.5)  # 0.173287
+    assert float(focal_loss(logits, masks)) == pytest.approx((focal_a + focal_b) / 2, rel=1e-6)
+    # dice: p = [0.75, 0.5], y = [1, 0]: 1 - (2*0.75 + 1) / (1 + 0.5625 + 0.25 + 1) = 1/9.
+    assert float(dice_loss(logits, masks)) == pytest.approx(1 / 9, rel=1e-6)
+    # a defect-free image predicted perfectly normal gives dice 1 - 1/1 = 0 thanks to smoothing.
+    assert float(dice_loss(jnp.array([[[[30.0, -30.0]]]]), jnp.array([[[False]]]))) < 1e-6
+
+
+def test_conv_formulations_agree():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 5, 6))
+    params = Conv2D(4, impl="xla").init(jax.random.PRNGKey(1), x)
+    outputs = [Conv2D(4, impl=impl).apply(params, x) for impl in ("xla", "matmul", "im2col")]
+    for out in outputs[1:]:
+        np.testing.assert_allclose(out, outputs[0], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ shapes
+
+
+SMALL = dict(feature_dim=16, text_dim=12, hidden_dim=8)
+
+
+def small_inputs(grid: int, batch: int = 2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tokens = [rng.normal(size=(batch, grid, grid, SMALL["feature_dim"])).astype(np.float32)
+              for _ in range(4)]  # fmt: skip
+    text = rng.normal(size=(batch, 2, SMALL["text_dim"])).astype(np.float32)
+    text /= np.linalg.norm(text, axis=-1, keepdims=True)
+    return tokens, text
+
+
+@pytest.mark.parametrize(("size", "grid", "pooled"), [(336, 24, (8, 2)), (518, 37, (12, 4))])
+def test_stage_and_scale_shapes(size, grid, pooled):
+    head = UMCIHead(text_dim=12, hidden_dim=8)
+    tokens, text = small_inputs(grid, batch=1)
+    params = {"params": init_params(head, 0, [t.shape for t in tokens], text.shape)}
+    apply = jax.jit(lambda p, t, x: head.apply(p, t, x, mutable="intermediates"))
+    logits, state = apply(params, tokens, text)
+    assert [o.shape for o in logits] == [(1, grid, grid, 2)] * 4
+    stage = state["intermediates"]["stage_0"]
+    assert stage["M_all"][0].shape == (1, grid, grid, 12)
+    assert stage["strip_row"]["v"][0].shape == (1, grid, 8)
+    assert rough_map(logits, size).shape == (1, size, size)
+    assert stage["M_g1_g2"][0].shape == (1, grid, grid, 8)
+    for i, side in enumerate(pooled):
+        assert stage[f"scale_{i}"]["M_g"][0].shape == (1, side, side, 8)
+
+
+def test_full_size_shapes_with_eval_shape():
+    """C = 1024, C_t = 768, c_h = 384, S = 518 (grid 37), batch 8: nothing is computed."""
+    head = build_head(HeadConfig(), text_dim=768)
+    tokens = [jax.ShapeDtypeStruct((8, 37, 37, 1024), jnp.float32)] * 4
+    text = jax.ShapeDtypeStruct((8, 2, 768), jnp.float32)
+    params = jax.eval_shape(head.init, jax.random.PRNGKey(0), tokens, text)
+    logits = jax.eval_shape(head.apply, params, tokens, text)
+    assert [o.shape for o in logits] == [(8, 37, 37, 2)] * 4
+    count = sum(np.prod(p.shape) for p in jax.tree.leaves(params))
+    assert 100e6 < count < 105e6  # ~25.5 M per stage at full size
+    out = jax.eval_shape(lambda p, t, x: rough_map(head.apply(p, t, x), 518), params, tokens, text)
+    assert out.shape == (8, 518, 518)
+
+
+# ------------------------------------------------------------------ parity with PyTorch
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
+def torch_twin(config: HeadConfig):
+    if config.kind == "aprilgan":
+        return torch_ref.AprilGanHead(4, SMALL["feature_dim"], SMALL["text_dim"])
+    return torch_ref.UMCIHead(
+        4, feature_dim=SMALL["feature_dim"], text_dim=SMALL["text_dim"],
+        hidden_dim=SMALL["hidden_dim"], pool_sizes=config.pool_sizes, paths=config.paths,
+        gru_reading=config.gru_reading, shared_projection=config.shared_projection,
+    )  # fmt: skip
+
+
+def parity_case(config: HeadConfig, size: int, loss_config: LossConfig | None = None):
+    loss_config = loss_config or LossConfig()
+    grid = size // 14
+    tokens, text = small_inputs(grid, seed=size)
+    masks = np.zeros((2, size, size), bool)
+    masks[0, size // 4 : size // 2, size // 3 : size // 2 + 5] = True  # image 1 defect-free
+    head = build_head(dataclasses.replace(config, hidden_dim=SMALL["hidden_dim"]), 12)
+    params = init_params(head, 3, [t.shape for t in tokens], text.shape)
+    # Random biases too (init zeros them) so every term of the equations is exercised.
+    rng = np.random.default_rng(4)
+    params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), params)
+
+    def loss_fn(p):
+        logits = head.apply({"params": p}, tokens, text)
+        return total_loss(logits, masks, loss_config)[0], logits
+
+    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    twin = torch_twin(config)
+    twin.load_state_dict({k: torch.tensor(v) for k, v in flax_to_torch(params).items()})
+    t_tokens = [torch.from_numpy(t) for t in tokens]
+    t_logits = twin(t_tokens, torch.from_numpy(text))
+    t_loss, _ = torch_ref.total_loss(
+        t_logits, torch.from_numpy(masks), weights=loss_config.stage_weights,
+        resolution=loss_config.resolution,
+    )  # fmt: skip
+    t_loss.backward()
+    for ours, theirs in zip(logits, t_logits):
+        assert relative_error(ours, theirs.detach().numpy()) < 1e-5
+    np.testing.assert_allclose(
+        rough_map(logits, size), torch_ref.rough_map(t_logits, size).detach().numpy(), atol=1e-5
+    )
+    assert float(loss) == pytest.approx(t_loss.item(), rel=1e-5)
+    torch_grads = {k: p.grad.numpy() for k, p in twin.named_parameters()}
+    ours_as_torch = flax_to_torch(grads)
+    assert set(ours_as_torch) == set(torch_grads)
+    # Relative to each tensor's scale, floored at 1e-3 of the largest gradient: some gradients
+    # are exactly zero in theory (a bias on attention keys shifts every score alike).
+    floor = 1e-3 * max(np.abs(g).max() for g in torch_grads.values())
+    for key, value in ours_as_torch.items():
+        scale = max(np.abs(torch_grads[key]).max(), floor)
+        assert np.abs(value - torch_grads[key]).max() / scale < 1e-4, key
+
+
+def test_parity_with_pytorch_default_336():
+    parity_case(HeadConfig(), 336)
+
+
+def test_parity_with_pytorch_default_518_grid_loss():
+    parity_case(HeadConfig(), 518, LossConfig(resolution="grid"))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(paths="strip", gru_reading="sequence"), dict(paths="scale", shared_projection=False),
+     dict(shared_projection=False), dict(kind="aprilgan")],
+)  # fmt: skip
+def test_parity_with_pytorch_variants(change):
+    parity_case(dataclasses.replace(HeadConfig(), **change), 336)
+
+
+def test_head_params_round_trip_exact():
+    tokens, text = small_inputs(24)
+    head = build_head(HeadConfig(hidden_dim=8), 12)
+    params = init_params(head, 0, [t.shape for t in tokens], text.shape)
+    back = torch_to_flax(flax_to_torch(params), expected=params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_init_params_match_flax_init_tree_and_scale():
+    tokens, text = small_inputs(24)
+    head = build_head(HeadConfig(hidden_dim=8), 12)
+    ours = init_params(head, 0, [t.shape for t in tokens], text.shape)
+    flax_shapes = jax.eval_shape(head.init, jax.random.PRNGKey(0), tokens, text)["params"]
+    assert jax.tree.structure(ours) == jax.tree.structure(flax_shapes)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_shapes)):
+        assert a.shape == b.shape and a.dtype == np.float32
+    recurrent = ours["stage_0"]["strip_row"]["gru"]["hr"]["kernel"]
+    np.testing.assert_allclose(recurrent.T @ recurrent, np.eye(8), atol=1e-5)  # orthogonal
+    big = init_params(build_head(HeadConfig(), 768), 1, [(1, 9, 9, 1024)] * 4, (1, 2, 768))
+    kernel = big["stage_0"]["projection"]["kernel"]
+    assert abs(kernel.std() - np.sqrt(1 / 1024)) < 0.05 * np.sqrt(1 / 1024)  # LeCun normal
+    assert not np.array_equal(kernel, init_params(build_head(HeadConfig(), 768), 2,
+                              [(1, 9, 9, 1024)] * 4, (1, 2, 768))["stage_0"]["projection"]["kernel"])  # fmt: skip

@@ -1,0 +1,214 @@
+"""Evaluation of the full pipeline (SPEC §4, §5, §7): `evaluate(config)`.
+
+Per class: images → CLIP + head rough maps O → MMR with SAM (prompts, masks, Eq. 9 fusion) →
+metrics of the rough and the final maps over all the class's pixels → per-class table with the
+unweighted mean, `metrics.json`, optional maps and panels. Each finished class is recorded under
+`OUTPUT/classes/`, so an interrupted evaluation resumes with the classes still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from clipsam_jax import config as config_lib
+from clipsam_jax.config import EvalConfig, RefineConfig
+from clipsam_jax.data.pipeline import BatchLoader
+from clipsam_jax.data.registry import load_dataset
+from clipsam_jax.data.types import Sample
+from clipsam_jax.inference import RoughMapModel, load_rough_map_model
+from clipsam_jax.metrics import compute_metrics
+from clipsam_jax.metrics.report import format_table, mean_over_classes
+from clipsam_jax.refine.fusion import mmr
+from clipsam_jax.visualize import panel
+
+logger = logging.getLogger(__name__)
+
+# Cross-dataset protocol (SPEC §3): the head evaluated on X was trained on OTHER[X].
+TRAINED_ON = {"mvtec": "visa", "visa": "mvtec", "mtd": "mvtec", "ksdd2": "mvtec", "meta": "mvtec"}
+TABLE_COLUMNS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "pro")
+
+
+def resolve_paths(config: EvalConfig) -> EvalConfig:
+    """Defaults: data/<dataset>, runs/<training dataset>, results/<dataset>."""
+    return dataclasses.replace(
+        config,
+        data_root=config.data_root or f"data/{config.dataset}",
+        checkpoint=None
+        if config.no_umci
+        else (config.checkpoint or f"runs/{TRAINED_ON[config.dataset]}"),
+        output=config.output or f"results/{config.dataset}",
+    )
+
+
+def build_refiner(config: RefineConfig):
+    """The SAM refiner of `config.sam`, or None for `--sam none` (rough maps only)."""
+    if config.sam == "none":
+        return None
+    from clipsam_jax.refine.sam import SamRefiner  # torch is imported only when SAM is used
+
+    return SamRefiner.from_config(config)
+
+
+def _json_safe(values: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
+
+
+def _class_key(config: EvalConfig, model: RoughMapModel) -> str:
+    """Identity of a class result: everything that changes the maps, not where they go."""
+    values = config_lib.to_dict(dataclasses.replace(config, output=None, classes=None))
+    values["clip_fingerprint"] = model.clip.fingerprint
+    values["head"] = None if model.head_config is None else dataclasses.asdict(model.head_config)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _panel_indices(samples: list[Sample], count: int) -> set[int]:
+    anomalous = [i for i, s in enumerate(samples) if s.label]
+    normal = [i for i, s in enumerate(samples) if not s.label]
+    return set((anomalous + normal)[:count])
+
+
+def evaluate_class(
+    name: str,
+    samples: list[Sample],
+    model: RoughMapModel,
+    refiner,
+    config: EvalConfig,
+    output: Path,
+    progress: bool = True,
+) -> dict:
+    """Rough (and final) maps of one class, their metrics, and the requested files."""
+    size = model.clip.image_size
+    count = len(samples)
+    rough = np.zeros((count, size, size), np.float16)
+    final = np.zeros((count, size, size), np.float16) if refiner is not None else None
+    masks = np.zeros((count, size, size), bool)
+    panels = _panel_indices(samples, config.visualize_per_class)
+    loader = BatchLoader(samples, size, config.batch_size, keep_rgb=True)
+    bar = tqdm(total=count, desc=name, unit="img", disable=not progress)
+    for batch in loader:
+        maps = model(batch["images"], batch["class_names"])
+        for i, index in enumerate(batch["indices"]):
+            # Maps are kept in float16, as saved with --save-maps, so saved maps reproduce
+            # metrics.json exactly (the rounding moves AUROC by < 1e-4).
+            rough[index], masks[index] = maps[i], batch["masks"][i]
+            result = None
+            if refiner is not None:
+                rng = np.random.default_rng([config.seed, int(index)])
+                result = mmr(maps[i], batch["rgb"][i], refiner, config.refine, rng)
+                final[index] = result.final
+            if index in panels:
+                picture = panel(
+                    batch["rgb"][i], rough[index].astype(np.float32),
+                    None if final is None else final[index].astype(np.float32), masks[index],
+                    boxes=None if result is None else result.prompts.boxes,
+                    points=None if result is None else result.prompts.points,
+                    masks=None if result is None else result.masks,
+                    scores=None if result is None else result.scores,
+                    title=f"{name} / {Path(batch['paths'][i]).name}",
+                )  # fmt: skip
+                target = (
+                    output
+                    / "panels"
+                    / name
+                    / f"{int(index):04d}_{Path(batch['paths'][i]).stem}.png"
+                )
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(picture).save(target)
+        bar.update(len(batch["indices"]))
+    bar.close()
+    entry = {"n_images": count, "n_anomalous": int(sum(s.label for s in samples))}
+    result = {"rough": {**_json_safe(compute_metrics(rough, masks, config.pro_mode)), **entry}}
+    if final is not None:
+        result["final"] = {**_json_safe(compute_metrics(final, masks, config.pro_mode)), **entry}
+    if config.save_maps:
+        arrays = {
+            "rough": rough,
+            "masks": masks,
+            "paths": np.array([str(s.image_path) for s in samples]),
+        }
+        if final is not None:
+            arrays["final"] = final
+        (output / "maps").mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(output / "maps" / f"{name}.npz", **arrays)
+    return result
+
+
+def _summaries(per_class: dict[str, dict], stage: str) -> dict:
+    classes = {name: r[stage] for name, r in per_class.items()}
+    numeric = {n: {k: (math.nan if v is None else v) for k, v in m.items()
+                   if k not in ("n_images", "n_anomalous")} for n, m in classes.items()}  # fmt: skip
+    return {"classes": classes, "mean": _json_safe(mean_over_classes(numeric))}
+
+
+def evaluate(
+    config: EvalConfig,
+    *,
+    progress: bool = True,
+    model: RoughMapModel | None = None,
+    refiner=None,
+    clip_overrides: dict | None = None,
+) -> dict:
+    """Run the evaluation described by `config`; returns the content of metrics.json.
+
+    With a trained head the CLIP settings come from its checkpoint; `clip_overrides` (e.g.
+    {"image_size": 336}) replaces some of them. `model` / `refiner` inject prebuilt stages.
+    """
+    config = resolve_paths(config)
+    dataset = load_dataset(config.dataset, config.data_root, classes=config.classes)
+    model = model or load_rough_map_model(
+        config.clip, config.checkpoint, config.no_umci, config.batch_size, clip_overrides
+    )
+    if model.clip_config is not None:
+        config = dataclasses.replace(config, clip=model.clip_config)  # what actually ran
+    if refiner is None:
+        refiner = build_refiner(config.refine)
+    output = Path(config.output)
+    (output / "classes").mkdir(parents=True, exist_ok=True)
+    key = _class_key(config, model)
+    per_class = {}
+    for name in sorted(dataset):
+        record = output / "classes" / f"{name}.json"
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            maps_ok = not config.save_maps or (output / "maps" / f"{name}.npz").is_file()
+            if saved.get("key") == key and maps_ok:
+                logger.info("%s: reusing the result in %s", name, record)
+                per_class[name] = saved["result"]
+                continue
+        per_class[name] = evaluate_class(
+            name, dataset[name], model, refiner, config, output, progress
+        )
+        record.write_text(json.dumps({"key": key, "result": per_class[name]}, indent=2))
+
+    report = {
+        "dataset": config.dataset,
+        "pro_mode": config.pro_mode,
+        "config": config_lib.to_dict(config),
+        "head": "zero-shot" if model.head_config is None else dataclasses.asdict(model.head_config),
+        "checkpoint_step": model.checkpoint_step,
+        "rough": _summaries(per_class, "rough"),
+    }
+    if refiner is not None:
+        report["final"] = _summaries(per_class, "final")
+    (output / "metrics.json").write_text(json.dumps(report, indent=2))
+    rough_rows = {n: r["rough"] for n, r in per_class.items()}
+    final_rows = {n: r["final"] for n, r in per_class.items()} if refiner is not None else None
+    markdown, csv = format_table(_nan(rough_rows), _nan(final_rows), columns=TABLE_COLUMNS)
+    (output / "table.md").write_text(markdown)
+    (output / "table.csv").write_text(csv)
+    return report
+
+
+def _nan(rows: dict | None) -> dict | None:
+    if rows is None:
+        return None
+    return {n: {k: (math.nan if v is None else v) for k, v in m.items()} for n, m in rows.items()}

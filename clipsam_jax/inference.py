@@ -1,0 +1,128 @@
+"""The CLIP stage at inference: images → rough maps O (B, S, S), one jitted function.
+
+CLIP features stay on the device between the encoder and the head. The head is a trained one
+(UMCI or APRIL-GAN, read from a training workdir) or, for Table 2's "w/o UMCI", the zero-shot
+similarity map computed from CLIP's own projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clipsam_jax import config as config_lib
+from clipsam_jax.checkpoint import load_head
+from clipsam_jax.clip.features import vision_forward
+from clipsam_jax.clip.loading import ClipModel, load_clip
+from clipsam_jax.clip.prompts import TextFeatures
+from clipsam_jax.config import ClipConfig, HeadConfig
+from clipsam_jax.errors import CheckpointError
+from clipsam_jax.models.heads import build_head, rough_map
+from clipsam_jax.models.zero_shot import zero_shot_logits
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RoughMapModel:
+    """CLIP + head (or zero-shot) → rough maps. `head_config` is None for the zero-shot map."""
+
+    clip: ClipModel
+    text: TextFeatures
+    head_config: HeadConfig | None
+    head_params: dict | None
+    batch_size: int = 8
+    clip_config: ClipConfig | None = None  # the settings `clip` was loaded with
+    checkpoint_step: int | None = None
+
+    def __post_init__(self):
+        clip, layers = self.clip, self.clip.feature_layers
+        head = None
+        if self.head_config is not None:
+            head = build_head(self.head_config, clip.text_dim, len(layers), clip.module.dtype)
+
+        def forward(clip_params, head_params, pixels, text):
+            features = clip.module.apply(
+                {"params": clip_params}, pixels.astype(clip.module.dtype), layers,
+                method=vision_forward,
+            )  # fmt: skip
+            if head is None:
+                logits = zero_shot_logits(clip, clip_params, features.patch_tokens, text)
+            else:
+                logits = head.apply({"params": head_params}, features.patch_tokens, text)
+            return rough_map(logits, clip.image_size)
+
+        self._forward = jax.jit(forward)
+
+    def __call__(self, images: np.ndarray, class_names: Sequence[str | None]) -> np.ndarray:
+        """images float32 (B, S, S, 3) normalized → rough maps float32 (B, S, S) in [0, 1].
+
+        Batches are padded to `batch_size` so every call reuses one compiled shape.
+        """
+        count = images.shape[0]
+        maps = []
+        for start in range(0, count, self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            names = list(class_names[start : start + self.batch_size])
+            pad = self.batch_size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+                names += [names[-1]] * pad
+            out = self._forward(self.clip.params, self.head_params, jnp.asarray(chunk),
+                                jnp.asarray(self.text.batch(names)))  # fmt: skip
+            maps.append(np.asarray(out[: len(chunk) - pad], np.float32))
+        return np.concatenate(maps)
+
+
+def checkpoint_clip_config(meta: dict) -> ClipConfig:
+    """The CLIP settings a head was trained with (from its checkpoint metadata)."""
+    return config_lib.from_dict(ClipConfig, meta["config"]["clip"])
+
+
+def load_rough_map_model(
+    clip_config: ClipConfig,
+    checkpoint: str | None,
+    no_umci: bool = False,
+    batch_size: int = 8,
+    overrides: dict | None = None,
+) -> RoughMapModel:
+    """Build the rough-map model for evaluation or prediction.
+
+    With a checkpoint, the CLIP model, S, feature layers and prompts come from the training run
+    unless `overrides` (e.g. {"image_size": 336}) sets them; the head config (strip/scale, c_h,
+    pools) always comes from the checkpoint. With `no_umci`, `clip_config` is used as given.
+    """
+    head_config = head_params = None
+    if not no_umci:
+        if checkpoint is None:
+            raise CheckpointError("no --checkpoint given (or pass --no-umci for the zero-shot map)")
+        head_params, meta = load_head(checkpoint)
+        head_config = config_lib.from_dict(HeadConfig, meta["config"]["head"])
+        clip_config = dataclasses.replace(checkpoint_clip_config(meta), **(overrides or {}))
+        trained_size = meta["config"]["clip"]["image_size"]
+        if clip_config.image_size != trained_size:
+            logger.warning("head trained at S=%d, evaluated at S=%d", trained_size,
+                           clip_config.image_size)  # fmt: skip
+    clip = load_clip(clip_config.model, clip_config.image_size, clip_config.feature_layers,
+                     clip_config.cache_dir, clip_config.dtype)  # fmt: skip
+    if head_params is not None:
+        expected = meta.get("num_stages")
+        if expected is not None and expected != len(clip.feature_layers):
+            raise CheckpointError(
+                f"{checkpoint}: head has {expected} stages but CLIP gives "
+                f"{len(clip.feature_layers)} feature layers"
+            )
+        if meta.get("feature_dim") not in (None, clip.feature_dim):
+            raise CheckpointError(
+                f"{checkpoint}: head expects {meta['feature_dim']}-wide CLIP features, "
+                f"{clip_config.model} has {clip.feature_dim}"
+            )
+        head_params = jax.tree.map(jnp.asarray, head_params)
+    text = TextFeatures(clip, clip_config.templates, clip_config.object_name, clip_config.cache_dir)
+    step = None if no_umci else meta.get("step")
+    return RoughMapModel(clip, text, head_config, head_params, batch_size, clip_config, step)

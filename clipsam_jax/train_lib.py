@@ -1,0 +1,261 @@
+"""Training the head (Sec. 3.4, 4.1): `train(config)` runs or resumes a run in its workdir.
+
+Cross-dataset protocol (SPEC §3): the head trains on the *test* split of the training dataset
+(it has masks). CLIP features are computed once per image and cached on disk in float16; each
+epoch visits the images in an order derived from (seed, epoch), so a resumed run replays
+exactly the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from clipsam_jax import config as config_lib
+from clipsam_jax.checkpoint import HeadCheckpointer
+from clipsam_jax.clip.cache import FeatureCache
+from clipsam_jax.clip.features import make_image_encoder
+from clipsam_jax.clip.loading import ClipModel, load_clip
+from clipsam_jax.clip.prompts import TextFeatures
+from clipsam_jax.config import TrainConfig
+from clipsam_jax.data.pipeline import BatchLoader
+from clipsam_jax.data.registry import load_dataset
+from clipsam_jax.data.types import Sample
+from clipsam_jax.errors import ConfigError, DatasetError, NonFiniteLossError
+from clipsam_jax.models.heads import build_head
+from clipsam_jax.models.init import init_params
+from clipsam_jax.train_step import TrainState, create_state, make_optimizer, make_train_step
+
+logger = logging.getLogger(__name__)
+
+# Settings that may change between the runs of one workdir (they do not change the result of
+# a step): everything else must match the saved config.json.
+RESUMABLE_KEYS = (
+    "data_root", "workdir", "max_steps", "checkpoint_every_steps", "max_to_keep",
+    "feature_cache", "feature_cache_dir", "clip.cache_dir", "optim.epochs",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    workdir: str
+    step: int
+    epochs_completed: int
+    last_loss: float | None
+    images_per_second: float | None
+    resumed_from: int | None
+
+
+def resolve_paths(config: TrainConfig) -> TrainConfig:
+    """Fill the defaults `data/<dataset>`, `runs/<dataset>` and `<workdir>/../feature_cache`."""
+    data_root = config.data_root or f"data/{config.dataset}"
+    workdir = config.workdir or f"runs/{config.dataset}"
+    cache = config.feature_cache_dir or str(Path(workdir).parent / "feature_cache")
+    return dataclasses.replace(
+        config, data_root=data_root, workdir=workdir, feature_cache_dir=cache
+    )
+
+
+def _comparable(values: dict) -> dict:
+    values = json.loads(json.dumps(values))
+    for key in RESUMABLE_KEYS:
+        *parents, leaf = key.split(".")
+        node = values
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return values
+
+
+def check_workdir(config: TrainConfig) -> None:
+    """Refuse a workdir holding a run of another config; record the config in a new one."""
+    workdir = Path(config.workdir)
+    saved_path = workdir / "config.json"
+    current = config_lib.to_dict(config)
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        differences = config_lib.diff(_comparable(saved), _comparable(current))
+        if differences:
+            raise ConfigError(
+                f"{workdir} holds a run with another config; resuming it with these settings "
+                "would mix two runs. Differences (saved != requested):\n  "
+                + "\n  ".join(differences)
+                + f"\nUse another --workdir, or delete {workdir} to start over."
+            )
+    elif workdir.is_dir() and (workdir / "checkpoints").is_dir():
+        raise ConfigError(f"{workdir} has checkpoints but no config.json; use another --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(current, indent=2))
+
+
+def training_samples(config: TrainConfig) -> list[Sample]:
+    """The training images: every class of the dataset's protocol split, class by class."""
+    dataset = load_dataset(config.dataset, config.data_root)
+    samples = [s for name in sorted(dataset) for s in dataset[name]]
+    if not samples:
+        raise DatasetError(f"{config.data_root}: the {config.dataset} dataset has no images")
+    for name, items in sorted(dataset.items()):
+        if not any(s.label for s in items):
+            logger.warning("class %r has no anomalous images: it only adds negatives", name)
+    if not any(s.label for s in samples):
+        raise DatasetError(
+            f"{config.data_root}: no anomalous image with a mask in {config.dataset}; the head "
+            "learns from defect masks (train on a dataset's test split)"
+        )
+    return samples
+
+
+class _LogFile:
+    """Append-only JSON-lines training log; a resume drops the entries after its step."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]  # fmt: skip
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, entry: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+
+def _batches(
+    config: TrainConfig, clip: ClipModel, samples: list[Sample], cache: FeatureCache | None,
+    epoch: int, skip: int,
+) -> Iterator[dict]:  # fmt: skip
+    """One epoch's training batches: {"tokens", "masks", "class_names"}, from the feature cache
+    or (no cache / mosaic) by running CLIP on freshly decoded images."""
+    loader = BatchLoader(
+        samples, clip.image_size, config.optim.batch_size, shuffle=True, seed=config.seed,
+        epoch=epoch, skip_batches=skip, mosaic_prob=0.5 if config.mosaic else 0.0,
+    )  # fmt: skip
+    if cache is not None:
+        order = loader.order()
+        positions = loader.batch_positions()[skip:]
+        yield from cache.batches(samples, [order[p] for p in positions])
+        return
+    encoder = make_image_encoder(clip)
+    for batch in loader:
+        features = encoder(clip.params, batch["images"])
+        yield {"tokens": features.patch_tokens, "masks": batch["masks"],
+               "class_names": batch["class_names"]}  # fmt: skip
+
+
+def train(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+    clip: ClipModel | None = None,
+) -> TrainSummary:
+    """Train (or resume) the head described by `config` in `config.workdir`.
+
+    on_step(step, metrics) is called after every step (tests use it to simulate a crash).
+    Checkpoints are written every `checkpoint_every_steps` steps, at each epoch end and when
+    the run stops (`max_steps`, Ctrl-C). A non-finite loss raises `NonFiniteLossError` naming
+    the step; the checkpoints already written stay intact.
+    """
+    config = resolve_paths(config)
+    if config.optim.batch_size < 1 or config.optim.epochs < 1:
+        raise ConfigError("batch size and epochs must be positive")
+    check_workdir(config)
+    workdir = Path(config.workdir)
+    samples = training_samples(config)
+    clip = clip or load_clip(
+        config.clip.model, config.clip.image_size, config.clip.feature_layers,
+        config.clip.cache_dir, config.clip.dtype,
+    )  # fmt: skip
+    text = TextFeatures(clip, config.clip.templates, config.clip.object_name, config.clip.cache_dir)
+    cache = None
+    if config.feature_cache and not config.mosaic:
+        cache = FeatureCache(config.feature_cache_dir, clip)
+        built = cache.build(samples, config.optim.batch_size, progress=progress)
+        logger.info("feature cache %s: %d images computed, %d reused", cache.directory, built,
+                    len(samples) - built)  # fmt: skip
+
+    num_stages = len(clip.feature_layers)
+    head = build_head(config.head, clip.text_dim, num_stages)
+    optimizer = make_optimizer(config.optim)
+    grid = clip.grid
+    params = init_params(
+        head, config.seed, [(1, grid, grid, clip.feature_dim)] * num_stages, (1, 2, clip.text_dim)
+    )
+    state = create_state(params, optimizer)
+    checkpointer = HeadCheckpointer(workdir, config.max_to_keep)
+    resumed_from = checkpointer.latest_step()
+    if resumed_from is not None:
+        params, opt_state, _ = checkpointer.restore(resumed_from, state.params, state.opt_state)
+        state = TrainState(step=np.int32(resumed_from), params=params, opt_state=opt_state)
+        logger.info("resuming %s from step %d", workdir, resumed_from)
+    train_step = make_train_step(head, config.loss, optimizer)
+    steps_per_epoch = -(-len(samples) // config.optim.batch_size)
+    total_steps = steps_per_epoch * config.optim.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    log = _LogFile(workdir / "train_log.jsonl", resumed_from or 0)
+    meta = {"config": config_lib.to_dict(config), "clip_fingerprint": clip.fingerprint,
+            "feature_dim": clip.feature_dim, "text_dim": clip.text_dim,
+            "num_stages": num_stages, "grid": grid}  # fmt: skip
+
+    def save() -> None:
+        done = int(state.step)  # the state's own step: consistent with its params
+        if checkpointer.latest_step() != done:
+            checkpointer.save(done, state.params, state.opt_state,
+                              {**meta, "step": done, "epoch": done / steps_per_epoch})  # fmt: skip
+
+    step = int(state.step)
+    last_loss, rates = None, []
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
+    try:
+        while step < total_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            for batch in _batches(config, clip, samples, cache, epoch, skip):
+                started = time.perf_counter()
+                inputs = {"tokens": batch["tokens"], "masks": batch["masks"],
+                          "text": text.batch(batch["class_names"])}  # fmt: skip
+                state, metrics = train_step(state, inputs)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step += 1
+                if not np.isfinite(metrics["loss"]):
+                    raise NonFiniteLossError(
+                        f"loss is {metrics['loss']} at step {step} (epoch {epoch + 1}); stopped. "
+                        f"Checkpoints up to step {checkpointer.latest_step()} are intact. Lower "
+                        "--lr or check the data (masks, images) of this epoch."
+                    )
+                rate = len(batch["class_names"]) / (time.perf_counter() - started)
+                if step > (resumed_from or 0) + 1:  # the first step includes compilation
+                    rates.append(rate)
+                last_loss = metrics["loss"]
+                log.write({"step": step, "epoch": epoch + 1, **metrics, "images_per_second": rate})
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}")
+                if on_step is not None:
+                    on_step(step, metrics)
+                if step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
+                    save()
+                if step >= total_steps:
+                    break
+        save()
+    except KeyboardInterrupt:
+        save()
+        logger.warning("interrupted at step %d; checkpoint saved, rerun to resume", step)
+        raise
+    finally:
+        bar.close()
+        checkpointer.close()
+    summary = TrainSummary(
+        workdir=str(workdir), step=step, epochs_completed=step // steps_per_epoch,
+        last_loss=last_loss, images_per_second=float(np.median(rates)) if rates else None,
+        resumed_from=resumed_from,
+    )  # fmt: skip
+    (workdir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+    return summary

@@ -1,0 +1,62 @@
+"""The pure, jitted training step of the head: `train_step(state, batch) -> (state, metrics)`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from clipsam_jax.config import LossConfig, OptimConfig
+from clipsam_jax.losses import total_loss
+
+
+class TrainState(struct.PyTreeNode):
+    """Trainable head params, their AdamW state and the global step (frozen CLIP not included)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    """AdamW with the paper's settings (Sec. 4.1); weight decay passed explicitly (SPEC §3)."""
+    return optax.adamw(
+        config.learning_rate, b1=config.b1, b2=config.b2, eps=1e-8,
+        weight_decay=config.weight_decay,
+    )  # fmt: skip
+
+
+def create_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    params = jax.tree.map(jnp.asarray, params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+    )
+
+
+def make_train_step(
+    head: nn.Module, loss_config: LossConfig, optimizer: optax.GradientTransformation
+):
+    """A jitted `train_step(state, batch) -> (state, metrics)`.
+
+    batch: {"tokens": tuple of (B, H, W, C) (float16 from the cache is fine), "text": (B, 2, C_t),
+    "masks": bool (B, S, S)}. metrics: scalar "loss", "grad_norm" and per-stage focal/dice.
+    The caller checks that the loss is finite (the step itself stays pure).
+    """
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def loss_fn(params):
+            tokens = tuple(t.astype(jnp.float32) for t in batch["tokens"])
+            logits = head.apply({"params": params}, tokens, batch["text"])
+            return total_loss(logits, batch["masks"], loss_config)
+
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)

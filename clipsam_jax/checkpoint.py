@@ -3,6 +3,7 @@
 Only the head and its optimizer state are saved (the frozen CLIP params never are). Layout:
 `<workdir>/checkpoints/<step>/{params,opt_state,meta}`; orbax writes each step to a temporary
 folder and renames it when complete, so a run killed mid-save leaves the previous step intact.
+Saves are asynchronous: training goes on while a checkpoint is written (`close` waits).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class HeadCheckpointer:
     def __init__(self, workdir: str | Path, max_to_keep: int = 3):
         self.directory = Path(workdir).resolve() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -38,7 +39,6 @@ class HeadCheckpointer:
                 meta=ocp.args.JsonSave(meta),
             ),
         )
-        self.manager.wait_until_finished()
 
     def restore(
         self, step: int, params_target: Any, opt_state_target: Any
@@ -56,6 +56,8 @@ class HeadCheckpointer:
         return restored["params"], restored["opt_state"], restored["meta"]
 
     def close(self) -> None:
+        """Wait for pending saves and release the manager."""
+        self.manager.wait_until_finished()
         self.manager.close()
 
 

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from clipsam_jax.config import DATASETS, DEFAULT_CLIP, ClipConfig
+from clipsam_jax.config import DATASETS, DEFAULT_CLIP, ClipConfig, RefineConfig
 from clipsam_jax.errors import ClipSamError
 
 
@@ -26,7 +26,9 @@ def int_tuple(text: str) -> tuple[int, ...]:
         ) from error
 
 
-def add_clip_flags(parser: argparse.ArgumentParser) -> None:
+def add_clip_flags(parser: argparse.ArgumentParser, from_checkpoint: bool = False) -> None:
+    """CLIP flags. With `from_checkpoint`, they default to None: a trained head's own CLIP
+    settings apply, and only the flags actually given replace them (`clip_overrides`)."""
     group = parser.add_argument_group("CLIP backbone (SPEC §1)")
     group.add_argument(
         "--clip",
@@ -60,6 +62,46 @@ def add_clip_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--cache-dir", default=None,
                        help="cache of converted CLIP params and text features")  # fmt: skip
+    if from_checkpoint:
+        parser.set_defaults(clip=None, image_size=None, templates=None, object_name=None,
+                            dtype=None)  # fmt: skip
+
+
+def clip_overrides(args: argparse.Namespace) -> dict:
+    """The CLIP settings given on the command line (flags left at None are absent)."""
+    given = {"model": args.clip, "image_size": args.image_size, "cache_dir": args.cache_dir,
+             "feature_layers": args.feature_layers, "templates": args.templates,
+             "object_name": args.object_name, "dtype": args.dtype}  # fmt: skip
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def add_refine_flags(parser: argparse.ArgumentParser) -> None:
+    refine = parser.add_argument_group("MMR / SAM (SPEC §4)")
+    refine.add_argument(
+        "--sam",
+        choices=("vit_h", "vit_l", "vit_b", "tiny-random", "none"),
+        default="vit_h",
+        help="SAM variant; none = rough maps only",
+    )
+    refine.add_argument("--sam-checkpoint", default=None, help="e.g. sam_vit_h_4b8939.pth")
+    refine.add_argument(
+        "--download-sam",
+        action="store_true",
+        help="fetch the official SAM checkpoint (hash prefix verified)",
+    )
+    refine.add_argument("--sam-device", default="auto", help="torch device for SAM")
+    refine.add_argument("--threshold", type=float, default=0.47, help="binarization (Table 3)")
+    refine.add_argument("--points", type=int, default=5, help="m random points per image")
+    refine.add_argument("--point-sampling", choices=("shared", "per_component"), default="shared")
+    refine.add_argument("--fusion-norm", choices=("max", "minmax", "none"), default="max")  # fmt: skip
+
+
+def refine_config(args: argparse.Namespace) -> RefineConfig:
+    return RefineConfig(
+        sam=args.sam, sam_checkpoint=args.sam_checkpoint, download_sam=args.download_sam,
+        threshold=args.threshold, points=args.points, point_sampling=args.point_sampling,
+        fusion_norm=args.fusion_norm, device=args.sam_device,
+    )  # fmt: skip
 
 
 def clip_config(args: argparse.Namespace) -> ClipConfig:

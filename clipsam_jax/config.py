@@ -26,7 +26,7 @@ class ClipConfig:
     # encoder depth, i.e. layers 6, 12, 18, 24 of ViT-L (Sec. 4.1).
     feature_layers: tuple[int, ...] | None = None
     templates: Literal["clipsam29", "aprilgan35"] = "clipsam29"  # Appendix A, Figure 7c
-    object_name: Literal["as_written", "spaced"] = "as_written"  # Figure 7d: `metal_nut`
+    object_name: Literal["as_written", "spaced", "object"] = "as_written"  # Figure 7d: `metal_nut`
     dtype: Literal["float32", "bfloat16", "auto"] = (
         "auto"  # auto: bf16 on accelerators, fp32 on CPU
     )

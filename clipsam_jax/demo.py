@@ -51,7 +51,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
                                images_per_class=config.images_per_class)  # fmt: skip
     clip_dir = root / "tiny_clip"
     if not (clip_dir / "config.json").is_file():
-        write_tiny_clip(clip_dir, seed=config.seed, weights="flax")
+        write_tiny_clip(clip_dir, seed=config.seed)
     clip = ClipConfig(model=str(clip_dir), image_size=config.image_size, dtype="float32",
                       cache_dir=str(root / "cache"))  # fmt: skip
     train(

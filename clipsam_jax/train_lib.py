@@ -30,9 +30,8 @@ from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.registry import load_dataset
 from clipsam_jax.data.types import Sample
 from clipsam_jax.errors import ConfigError, DatasetError, NonFiniteLossError
-from clipsam_jax.models.heads import build_head
 from clipsam_jax.models.init import init_params
-from clipsam_jax.train_step import TrainState, create_state, make_optimizer, make_train_step
+from clipsam_jax.train_step import TrainState, create_state, train_step_for
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +182,9 @@ def train(
                     len(samples) - built)  # fmt: skip
 
     num_stages = len(clip.feature_layers)
-    head = build_head(config.head, clip.text_dim, num_stages)
-    optimizer = make_optimizer(config.optim)
+    head, optimizer, train_step = train_step_for(
+        config.head, clip.text_dim, num_stages, config.loss, config.optim
+    )
     grid = clip.grid
     params = init_params(
         head, config.seed, [(1, grid, grid, clip.feature_dim)] * num_stages, (1, 2, clip.text_dim)
@@ -196,7 +196,6 @@ def train(
         params, opt_state, _ = checkpointer.restore(resumed_from, state.params, state.opt_state)
         state = TrainState(step=np.int32(resumed_from), params=params, opt_state=opt_state)
         logger.info("resuming %s from step %d", workdir, resumed_from)
-    train_step = make_train_step(head, config.loss, optimizer)
     steps_per_epoch = -(-len(samples) // config.optim.batch_size)
     total_steps = steps_per_epoch * config.optim.epochs
     if config.max_steps is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -10,8 +11,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from clipsam_jax.config import LossConfig, OptimConfig
+from clipsam_jax.config import HeadConfig, LossConfig, OptimConfig
 from clipsam_jax.losses import total_loss
+from clipsam_jax.models.heads import build_head
 
 
 class TrainState(struct.PyTreeNode):
@@ -60,3 +62,15 @@ def make_train_step(
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(train_step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def train_step_for(
+    head_config: HeadConfig, text_dim: int, num_stages: int, loss_config: LossConfig,
+    optim_config: OptimConfig,
+):  # fmt: skip
+    """(head, optimizer, jitted train step) for these configs, memoized: runs of one process
+    with equal configs (tests, sweeps) reuse the traced and compiled step."""
+    head = build_head(head_config, text_dim, num_stages)
+    optimizer = make_optimizer(optim_config)
+    return head, optimizer, make_train_step(head, loss_config, optimizer)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import jax
 import pytest
 
 # Tests must not write into the user's cache, and JAX must not grab all accelerator memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# Many tests compile the same small programs (train steps, encoders): a persistent compilation
+# cache turns the repeats into lookups.
+jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent.parent / ".pytest_cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,3 +36,14 @@ def tiny_clip_dir(tmp_path_factory):
     from clipsam_jax.clip.tiny import write_tiny_clip
 
     return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0, weights="pytorch")
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """Generated MVTec-AD and VisA layouts (`root/mvtec`, `root/visa`), 8 images per class."""
+    from clipsam_jax.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate("mvtec", root / "mvtec", seed=0, images_per_class=8)
+    synthetic.generate("visa", root / "visa", seed=1, images_per_class=8)
+    return root

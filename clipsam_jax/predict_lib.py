@@ -1,0 +1,359 @@
+"""Anomaly maps for arbitrary images (no dataset, no ground truth): `predict(config)`.
+
+Images (one file, or a folder scanned for IMAGE_SUFFIXES) → CLIP + head rough maps O (S×S) in
+batches → MMR with SAM per image (SPEC §4) → per image, in the output folder:
+
+- `<name>_map.png`: the anomaly map (the final map when SAM runs, else the rough map) at the
+  ORIGINAL image resolution, bilinearly resized from S×S (OpenCV INTER_LINEAR, half-pixel
+  centres), stored as a 16-bit grayscale PNG with pixel = round(clip(value, 0, 1) · 65535), so
+  value = pixel / 65535 to within 1/131070. `--map-format npy` writes `<name>_map.npy`, float32
+  (H, W), the unquantized values (also those outside [0, 1], e.g. with `--fusion-norm none`).
+- `<name>_mask.png`: 0/255 (H, W), pixels whose resized map value is strictly above the mask
+  threshold (default: the refine threshold, 0.47, as Eq. 7 binarizes).
+- `<name>_overlay.png`: the map's JET heatmap blended over the image.
+- `<name>_result.json`: scores, box count, file names and the model settings.
+
+`score` is the image score of SPEC §5 (the maximum of the map) taken on the saved map, so it
+equals the maximum of `<name>_map.npy`; bilinear upsampling never exceeds the grid's maximum, so
+it can sit slightly below the S×S maximum that `eval.main` uses, which `grid_score` reports.
+
+`<name>` is the input file's stem; with `recursive`, sub-folders are joined in with "__"
+(`a/b/x.png` → `a__b__x`), and names that still collide (case-insensitively: `x.png` and
+`x.jpg`) get the suffix and then a counter appended. The run summary is `predictions.csv` (one
+row per image, unreadable ones included with their error) and `predictions.json`; both describe
+the latest run and are replaced. No other file in the output folder is touched or deleted, and
+every file is written to a temporary name first and then renamed, so an interrupted run leaves
+complete files only (the summary is written for the images done so far).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from clipsam_jax import config as config_lib
+from clipsam_jax.clip.prompts import object_name
+from clipsam_jax.config import ClipConfig, RefineConfig
+from clipsam_jax.data.image_io import IMAGE_SUFFIXES, preprocess, read_image
+from clipsam_jax.errors import ConfigError, DatasetError, ImageReadError
+from clipsam_jax.inference import RoughMapModel, load_rough_map_model
+from clipsam_jax.refine.fusion import mmr
+from clipsam_jax.visualize import overlay
+
+logger = logging.getLogger(__name__)
+
+PNG_SCALE = 65535  # 16-bit map PNG: pixel = round(clip(value, 0, 1) * PNG_SCALE)
+SUMMARY_FILES = ("predictions.csv", "predictions.json")
+CSV_COLUMNS = ("path", "score", "rough_score", "sam_boxes", "name", "error")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """What `python -m eval.predict` runs; see the module docstring for the outputs."""
+
+    inputs: str  # an image file or a folder of images
+    output: str
+    class_name: str | None = None  # None / "": prompts use `object` (Appendix A)
+    checkpoint: str | None = None  # training workdir of the head; unused with no_umci
+    no_umci: bool = False
+    recursive: bool = False
+    map_format: Literal["png", "npy"] = "png"
+    mask_threshold: float | None = None  # None: refine.threshold
+    batch_size: int = 8
+    seed: int = 0
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+
+
+# --------------------------------------------------------------------------- inputs and names
+
+
+def _is_hidden(relative: Path) -> bool:
+    # Dot-files include macOS `._x.png` resource forks, which carry an image suffix but no image.
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def find_images(
+    inputs: str | Path, recursive: bool = False, exclude: Path | None = None
+) -> tuple[list[Path], Path]:
+    """The images to process and the folder their names are relative to.
+
+    Args:
+      inputs: an image file (taken as is, whatever its suffix) or a folder, scanned for
+        IMAGE_SUFFIXES (case-insensitive), hidden files and folders skipped.
+      recursive: also scan sub-folders.
+      exclude: a folder left out of the scan (the output folder, when it lies inside inputs).
+
+    Returns:
+      (paths sorted by their relative path, root folder).
+    """
+    path = Path(inputs).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder; give an image file or a folder of "
+                           "images")  # fmt: skip
+    if path.is_file():
+        return [path], path.parent
+    candidates = path.rglob("*") if recursive else path.iterdir()
+    exclude = exclude.resolve() if exclude is not None else None
+    found = []
+    for item in candidates:
+        relative = item.relative_to(path)
+        if item.suffix.lower() not in IMAGE_SUFFIXES or _is_hidden(relative) or not item.is_file():
+            continue
+        if exclude is not None and item.resolve().is_relative_to(exclude):
+            continue  # our own maps and overlays from an earlier run are not inputs
+        found.append(item)
+    if not found:
+        hint = "" if recursive else " (add --recursive to scan sub-folders)"
+        raise DatasetError(
+            f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder{hint}"
+        )
+    return sorted(found, key=lambda p: p.relative_to(path).as_posix()), path
+
+
+def output_names(paths: list[Path], root: Path) -> list[str]:
+    """Collision-free output names: the stem, sub-folders joined with "__", then the suffix and
+    a counter where two names still clash (compared case-insensitively, for such filesystems)."""
+    names, taken = [], set()
+    for path in paths:
+        relative = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
+        base = "__".join([*relative.parent.parts, relative.stem]) or "image"
+        name, count = base, 1
+        if name.lower() in taken:
+            name = f"{base}_{path.suffix.lstrip('.').lower()}"
+        while name.lower() in taken:
+            count += 1
+            name = f"{base}_{path.suffix.lstrip('.').lower()}_{count}"
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_atomic(target: Path, payload: bytes) -> None:
+    """Write via a temporary name + rename, so a crash never leaves a half-written file."""
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_bytes(payload)
+    os.replace(temporary, target)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def map_to_png16(values: np.ndarray) -> np.ndarray:
+    """float (H, W) → uint16 (H, W), round(clip(v, 0, 1) · 65535); decode with pixel / 65535."""
+    return np.rint(np.clip(np.nan_to_num(values), 0.0, 1.0) * PNG_SCALE).astype(np.uint16)
+
+
+def resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float (S, S) → float32 (height, width), bilinear (OpenCV INTER_LINEAR)."""
+    values = np.asarray(values, np.float32)
+    if values.shape == (height, width):
+        return values.copy()
+    return cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def write_image_outputs(
+    output: Path,
+    name: str,
+    rgb: np.ndarray,
+    values: np.ndarray,
+    map_format: str,
+    mask_threshold: float,
+) -> dict[str, str]:
+    """Write map, mask and overlay of one image; returns their file names.
+
+    rgb uint8 (H, W, 3); values float32 (H, W), the map at the image's resolution.
+    """
+    files = {"map": f"{name}_map.{map_format}", "mask": f"{name}_mask.png",
+             "overlay": f"{name}_overlay.png"}  # fmt: skip
+    if map_format == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, values.astype(np.float32))
+        _write_atomic(output / files["map"], buffer.getvalue())
+    else:
+        _write_atomic(output / files["map"], _png_bytes(map_to_png16(values)))
+    mask = (values > mask_threshold).astype(np.uint8) * 255
+    _write_atomic(output / files["mask"], _png_bytes(mask))
+    _write_atomic(output / files["overlay"], _png_bytes(overlay(rgb, values)))
+    return files
+
+
+def _write_summary(output: Path, rows: dict[int, dict], report: dict) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for _, row in sorted(rows.items()):
+        writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+    _write_atomic(output / SUMMARY_FILES[0], buffer.getvalue().encode())
+    _write_atomic(output / SUMMARY_FILES[1], json.dumps(report, indent=2).encode())
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def _model_settings(model: RoughMapModel, config: PredictConfig) -> dict:
+    return {
+        "clip_fingerprint": model.clip.fingerprint,
+        "clip": None if model.clip_config is None else config_lib.to_dict(model.clip_config),
+        "checkpoint": None if config.no_umci else config.checkpoint,
+        "checkpoint_step": model.checkpoint_step,
+        "head": "zero-shot" if model.head_config is None else dataclasses.asdict(model.head_config),
+        "sam": config.refine.sam,
+        "refine": config_lib.to_dict(config.refine),
+        "seed": config.seed,
+    }
+
+
+def _check_output(output: Path, inputs: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; give a folder")
+    if inputs.is_dir() and output.resolve() == inputs.resolve():
+        raise ConfigError(
+            f"--output {output} is the input folder; give another folder so the maps and "
+            "overlays are not mixed with (and later read as) input images"
+        )
+
+
+def _predict_image(
+    index: int, rgb: np.ndarray, rough: np.ndarray, refiner, config: PredictConfig, job: dict
+) -> dict:
+    """MMR (when a refiner is given) and the files of one image; returns its result entry.
+
+    rgb uint8 (H, W, 3) original image; rough float32 (S, S) rough map; `job` holds the
+    run-wide values (output folder, names, threshold, settings).
+    """
+    final, boxes = rough, 0
+    if refiner is not None:
+        # Seeded by the image's position in the sorted list, so its points do not depend on
+        # the batch size or on skipped files.
+        rng = np.random.default_rng([config.seed, index])
+        result = mmr(rough, rgb, refiner, config.refine, rng)
+        final, boxes = result.final, result.prompts.num_boxes
+    height, width = rgb.shape[:2]
+    values = resize_map(final, height, width)
+    rough_full = resize_map(rough, height, width) if refiner is not None else values
+    if config.map_format == "png" and (values.min() < 0.0 or values.max() > 1.0):
+        logger.warning("%s: map values outside [0, 1] are clipped in the 16-bit PNG; use "
+                       "--map-format npy to keep them", job["paths"][index])  # fmt: skip
+    name = job["names"][index]
+    files = write_image_outputs(job["output"], name, rgb, values, config.map_format,
+                                job["threshold"])  # fmt: skip
+    entry = {
+        "image": str(job["paths"][index]), "image_size": [height, width],
+        "class_name": config.class_name or None, "prompt_object": job["prompt_object"],
+        "score": float(values.max()), "rough_score": float(rough_full.max()),
+        "grid_score": float(np.max(final)), "rough_grid_score": float(np.max(rough)),
+        "sam_boxes": int(boxes), "files": files, "map_format": config.map_format,
+        "map_scale": job["map_scale"], "mask_threshold": job["threshold"],
+        "model": job["model"],
+    }  # fmt: skip
+    _write_atomic(job["output"] / f"{name}_result.json", json.dumps(entry, indent=2).encode())
+    return entry
+
+
+def predict(
+    config: PredictConfig,
+    *,
+    progress: bool = True,
+    model: RoughMapModel | None = None,
+    refiner=None,
+    clip_overrides: dict | None = None,
+) -> dict:
+    """Predict anomaly maps for `config.inputs`; returns the content of predictions.json.
+
+    With a trained head the CLIP settings come from its checkpoint unless `clip_overrides`
+    sets some of them; with `no_umci`, `config.clip` is used. `model` / `refiner` inject
+    prebuilt stages. Unreadable images are skipped with a warning and listed under "skipped";
+    when no image can be read, `ImageReadError` lists them all.
+    """
+    if config.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {config.batch_size}")
+    output = Path(config.output).expanduser()
+    inputs = Path(config.inputs).expanduser()
+    _check_output(output, inputs)  # cheap checks first, before any model is loaded
+    paths, root = find_images(inputs, config.recursive, exclude=output)
+    if config.no_umci and config.checkpoint:
+        logger.warning("--no-umci: the head in %s is not used", config.checkpoint)
+    if model is None:
+        model = load_rough_map_model(config.clip, config.checkpoint, config.no_umci,
+                                     config.batch_size, clip_overrides)  # fmt: skip
+    if refiner is None and config.refine.sam != "none":
+        from clipsam_jax.eval_lib import build_refiner  # torch only when SAM is used
+
+        refiner = build_refiner(config.refine)
+    if output.is_dir() and any(output.iterdir()):
+        logger.info("%s already holds files: only those of the images processed now (and the "
+                    "summary %s) are replaced, nothing is deleted", output,
+                    " / ".join(SUMMARY_FILES))  # fmt: skip
+    output.mkdir(parents=True, exist_ok=True)
+    threshold = config.refine.threshold if config.mask_threshold is None else config.mask_threshold
+    job = {
+        "output": output, "paths": paths, "names": output_names(paths, root),
+        "threshold": threshold, "model": _model_settings(model, config),
+        "prompt_object": object_name(config.class_name or None, model.text.object_mode),
+        "map_scale": "value = pixel / 65535" if config.map_format == "png" else "float32 values",
+    }  # fmt: skip
+    report = {
+        "inputs": str(inputs), "output": str(output), "class_name": config.class_name or None,
+        "prompt_object": job["prompt_object"], "map_format": config.map_format,
+        "map_scale": job["map_scale"], "mask_threshold": threshold, "model": job["model"],
+        "images": 0, "skipped": [], "complete": False,
+    }  # fmt: skip
+    rows: dict[int, dict] = {}  # by position in `paths`, so the CSV follows the input order
+    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress)
+    try:
+        for start in range(0, len(paths), config.batch_size):
+            loaded = []
+            for index in range(start, min(start + config.batch_size, len(paths))):
+                try:
+                    loaded.append((index, read_image(paths[index])))
+                except ImageReadError as error:
+                    logger.warning("skipping %s: %s", paths[index], error)
+                    report["skipped"].append({"path": str(paths[index]), "error": str(error)})
+                    rows[index] = {"path": str(paths[index]), "error": str(error)}
+                    bar.update(1)
+            if not loaded:
+                continue
+            images = np.stack([preprocess(rgb, model.clip.image_size) for _, rgb in loaded])
+            rough_maps = model(images, [config.class_name or None] * len(loaded))
+            for (index, rgb), rough in zip(loaded, rough_maps, strict=True):
+                entry = _predict_image(index, rgb, rough, refiner, config, job)
+                rows[index] = {"path": entry["image"], "score": entry["score"],
+                               "rough_score": entry["rough_score"],
+                               "sam_boxes": entry["sam_boxes"], "name": job["names"][index]}  # fmt: skip
+                report["images"] += 1
+                bar.update(1)
+        report["complete"] = True
+    finally:
+        bar.close()
+        if rows:  # also after an interruption: the summary of what is on disk
+            _write_summary(output, rows, report)
+    if report["skipped"]:
+        listed = "\n  ".join(s["path"] for s in report["skipped"])
+        if not report["images"]:
+            raise ImageReadError(
+                f"none of the {len(paths)} images could be read:\n  {listed}\n"
+                f"(details in {output / SUMMARY_FILES[0]}); fix or remove these files"
+            )
+        logger.warning("%d of %d images skipped (unreadable), listed in %s:\n  %s",
+                       len(report["skipped"]), len(paths), output / SUMMARY_FILES[0],
+                       listed)  # fmt: skip
+    return report

@@ -39,6 +39,7 @@ class DemoConfig:
     epochs: int = 12
     images_per_class: int = 8
     hidden_dim: int = 32
+    pool_sizes: tuple[int, int] = (3, 9)  # Table 3's s1, s2 (a 16×16 grid pools to 5 and 1)
 
 
 def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
@@ -57,7 +58,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     train(
         TrainConfig(
             dataset="mvtec", data_root=str(data / "mvtec"), workdir=str(root / "runs" / "mvtec"),
-            seed=config.seed, clip=clip, head=HeadConfig(hidden_dim=config.hidden_dim),
+            seed=config.seed, clip=clip, head=HeadConfig(hidden_dim=config.hidden_dim, pool_sizes=config.pool_sizes),
             optim=OptimConfig(epochs=config.epochs),
         ),
         progress=progress,

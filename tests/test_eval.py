@@ -1,0 +1,159 @@
+"""Evaluation end to end: train.main then eval.main on generated data, outputs, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from clipsam_jax import cli, eval_lib
+from clipsam_jax.metrics import compute_metrics
+from eval.main import main as eval_main
+from train.main import main as train_main
+
+SIZE = "112"
+COMMON = ["--no-progress", "--batch-size", "4"]
+PRO_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pro", "image_auroc", "image_ap",
+            "image_f1_max")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_head(tiny_clip_dir, synthetic_data, tmp_path_factory):
+    """A tiny UMCI head trained for a few steps with the real command."""
+    workdir = tmp_path_factory.mktemp("eval_runs") / "mvtec"
+    train_main([
+        "--train", "mvtec", "--data-root", str(synthetic_data / "mvtec"), "--workdir",
+        str(workdir), "--clip", str(tiny_clip_dir), "--image-size", SIZE, "--dtype", "float32",
+        "--hidden-dim", "16", "--pool-sizes", "2,4", "--max-steps", "6", *COMMON,
+    ])  # fmt: skip
+    return workdir
+
+
+def eval_args(synthetic_data, checkpoint, output, *extra) -> list[str]:
+    return ["--test", "visa", "--data-root", str(synthetic_data / "visa"), "--checkpoint",
+            str(checkpoint), "--output", str(output), *COMMON, *extra]  # fmt: skip
+
+
+def test_train_then_eval_metrics_equal_recomputation_from_saved_maps(
+    synthetic_data, trained_head, tmp_path
+):
+    output = tmp_path / "results"
+    report = eval_main(eval_args(synthetic_data, trained_head, output, "--sam", "tiny-random",
+                                 "--save-maps", "--panels", "1", "--pro", "cflow"))  # fmt: skip
+    saved = json.loads((output / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["dataset"] == "visa" and saved["pro_mode"] == "cflow"
+    assert saved["config"]["clip"]["image_size"] == 112  # taken from the checkpoint
+    assert saved["head"]["kind"] == "umci" and saved["checkpoint_step"] == 6
+    assert set(saved["rough"]["classes"]) == {"candle", "cashew", "pcb1"}
+    for stage in ("rough", "final"):
+        for name, values in saved[stage]["classes"].items():
+            maps = np.load(output / "maps" / f"{name}.npz")
+            assert maps[stage].dtype == np.float16 and maps["masks"].dtype == bool
+            assert maps[stage].shape == (16, 112, 112) and len(maps["paths"]) == 16
+            recomputed = compute_metrics(maps[stage], maps["masks"], pro_mode="cflow")
+            for key in PRO_KEYS:
+                assert values[key] == pytest.approx(recomputed[key], abs=1e-12), (stage, name, key)
+            assert values["n_images"] == 16 and values["n_anomalous"] == 8
+        means = saved[stage]["mean"]
+        expected = np.mean([v["pixel_auroc"] for v in saved[stage]["classes"].values()])
+        assert means["pixel_auroc"] == pytest.approx(expected)
+    table = (output / "table.md").read_text()
+    assert "AUROC (rough)" in table and "PRO (final)" in table and "| mean |" in table
+    csv_rows = (output / "table.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 3 + 1 and csv_rows[-1].startswith("mean,")
+    assert len(list((output / "panels").rglob("*.png"))) == 3  # one per class
+
+
+def test_sam_none_writes_rough_only(synthetic_data, trained_head, tmp_path):
+    report = eval_main(eval_args(synthetic_data, trained_head, tmp_path, "--sam", "none",
+                                 "--classes", "candle", "--save-maps", "--panels", "0"))  # fmt: skip
+    assert "final" not in report and list(report["rough"]["classes"]) == ["candle"]
+    assert "final" not in np.load(tmp_path / "maps" / "candle.npz")
+    assert "final" not in (tmp_path / "table.md").read_text()
+
+
+def test_no_umci_needs_no_checkpoint_and_still_refines(tiny_clip_dir, synthetic_data, tmp_path):
+    report = eval_main([
+        "--test", "visa", "--data-root", str(synthetic_data / "visa"), "--no-umci", "--clip",
+        str(tiny_clip_dir), "--image-size", SIZE, "--dtype", "float32", "--sam", "tiny-random",
+        "--classes", "pcb1", "--panels", "0", "--output", str(tmp_path), *COMMON,
+    ])  # fmt: skip
+    assert report["head"] == "zero-shot" and report["checkpoint_step"] is None
+    assert "final" in report and 0.0 <= report["rough"]["mean"]["pixel_auroc"] <= 1.0
+
+
+def test_rerun_reuses_finished_classes(synthetic_data, trained_head, tmp_path, monkeypatch):
+    args = eval_args(synthetic_data, trained_head, tmp_path, "--sam", "none", "--panels", "0",
+                     "--classes", "candle,cashew")  # fmt: skip
+    first = eval_main(args)
+
+    def no_recompute(*unused, **kwargs):
+        raise AssertionError("finished classes must be reused")
+
+    monkeypatch.setattr(eval_lib, "evaluate_class", no_recompute)
+    assert eval_main(args)["rough"] == first["rough"]
+    with pytest.raises(AssertionError):  # another setting changes the maps: recomputed
+        eval_main([*args, "--threshold", "0.3"])
+
+
+def test_unreadable_image_names_file_and_keeps_finished_classes(
+    synthetic_data, trained_head, tmp_path, capsys
+):
+    data = tmp_path / "visa"
+    shutil.copytree(synthetic_data / "visa", data)
+    broken = sorted((data / "pcb1" / "Data" / "Images" / "Anomaly").iterdir())[0]
+    broken.write_bytes(b"not a jpeg")
+    args = ["--test", "visa", "--data-root", str(data), "--checkpoint", str(trained_head),
+            "--output", str(tmp_path / "out"), "--sam", "none", "--panels", "0", *COMMON]  # fmt: skip
+    assert cli.run(eval_main, args) == 2
+    assert f"{broken}: cannot decode" in capsys.readouterr().err
+    done = sorted(p.stem for p in (tmp_path / "out" / "classes").glob("*.json"))
+    assert done == ["candle", "cashew"]  # classes evaluated before the bad file are kept
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sam", "vit_h"], r"sam_vit_h_4b8939\.pth.*--download-sam|--download-sam"),
+        (["--sam", "none", "--classes", "nope"], r"no class 'nope'.*candle"),
+    ],
+)
+def test_bad_input_is_a_clear_error(synthetic_data, trained_head, tmp_path, capsys, extra, message):
+    args = eval_args(synthetic_data, trained_head, tmp_path, "--panels", "0", *extra)
+    assert cli.run(eval_main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    import re
+
+    assert re.search(message, err, re.S), err
+
+
+def test_missing_checkpoint_suggests_training_or_no_umci(synthetic_data, tmp_path, capsys):
+    args = eval_args(synthetic_data, tmp_path / "no_run", tmp_path / "out", "--sam", "none")
+    assert cli.run(eval_main, args) == 2
+    err = capsys.readouterr().err
+    assert "no_run" in err and "train.main" in err and "--no-umci" in err
+
+
+def test_missing_dataset_says_where_to_get_it(tmp_path, capsys):
+    args = ["--test", "mvtec", "--data-root", str(tmp_path / "absent"), "--no-umci",
+            "--sam", "none", "--output", str(tmp_path / "out")]  # fmt: skip
+    assert cli.run(eval_main, args) == 2
+    assert "mvtec.com" in capsys.readouterr().err
+
+
+def test_demo_runs_and_labels_its_numbers(tmp_path, monkeypatch, capsys):
+    """The README's first command, with fewer images and one epoch to keep the suite fast."""
+    from clipsam_jax import demo
+
+    small = demo.DemoConfig(directory=str(tmp_path / "demo"), epochs=1, images_per_class=3,
+                            image_size=112, hidden_dim=16, pool_sizes=(2, 4))  # fmt: skip
+    monkeypatch.setattr(demo, "DemoConfig", lambda directory: small)
+    report = eval_main(["--demo", "--output", str(tmp_path / "demo"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "NOT ClipSAM results" in out and "| mean |" in out
+    assert set(report["final"]["classes"]) == {"candle", "cashew", "pcb1"}
+    assert (tmp_path / "demo" / "results" / "visa" / "metrics.json").is_file()

@@ -17,6 +17,7 @@ from clipsam_jax.refine.fusion import (
     fuse_batch,
     masks_to_grid,
     mmr,
+    mmr_batch,
     normalize,
 )
 from clipsam_jax.refine.prompts import Prompts
@@ -126,6 +127,9 @@ class ExplodingRefiner:
     def refine(self, image, prompts, multimask=True):
         raise AssertionError("SAM must be skipped for an image without components")
 
+    def refine_batch(self, images, prompts, multimask=True):
+        raise AssertionError("SAM must be skipped for a batch without components")
+
 
 def _ellipse(hw, centre, radii):
     yy, xx = np.mgrid[: hw[0], : hw[1]]
@@ -203,3 +207,63 @@ def test_mmr_skips_refiner_without_components():
         np.testing.assert_array_equal(out.final, rough)
         assert out.masks.shape == (0, 3, *IMAGE_HW) and out.scores.shape == (0, 3)
         assert out.prompts.num_boxes == 0
+
+
+# ---------------------------------------------------------------- mmr_batch
+
+
+class BatchOracle(OracleRefiner):
+    """The oracle with a `refine_batch`, recording which images each batched call got."""
+
+    def __init__(self, gt_by_image):
+        super().__init__(gt_by_image)
+        self.batches = []
+
+    def refine_batch(self, images, prompts, multimask=True):
+        self.batches.append([id(image) for image in images])
+        return [self.refine(image, p, multimask) for image, p in zip(images, prompts)]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("sampling", ["shared", "per_component"])
+def test_mmr_batch_equals_mmr(batched, sampling):
+    gts, roughs = _synthetic_set(np.random.default_rng(0))
+    images = [np.zeros((*IMAGE_HW, 3), np.uint8) for _ in gts]
+    gt_by_image = {id(img): gt for img, gt in zip(images, gts)}
+    config = dataclasses.replace(RefineConfig(sam="none"), point_sampling=sampling)
+    refiner = BatchOracle(gt_by_image) if batched else OracleRefiner(gt_by_image)
+    rngs = [np.random.default_rng([7, n]) for n in range(len(images))]
+    got = mmr_batch(roughs, images, refiner, config, rngs)
+    with_boxes = [n for n, o in enumerate(roughs) if (o > config.threshold).any()]
+    assert refiner.calls == len(with_boxes) == 6
+    if batched:  # one call, only the images with a component, in order
+        assert refiner.batches == [[id(images[n]) for n in with_boxes]]
+    for n, (rough, image) in enumerate(zip(roughs, images)):
+        want = mmr(rough, image, OracleRefiner(gt_by_image), config, np.random.default_rng([7, n]))
+        np.testing.assert_array_equal(got[n].prompts.points, want.prompts.points)
+        np.testing.assert_array_equal(got[n].masks, want.masks)
+        np.testing.assert_array_equal(got[n].scores, want.scores)
+        np.testing.assert_array_equal(got[n].final, want.final)
+
+
+def test_mmr_batch_no_components_and_sizes():
+    roughs = np.full((3, S, S), 0.2, dtype=np.float32)
+    roughs[1, 10:20, 10:20] = 0.9
+    sizes = [(40, 60), (96, 128), (70, 50)]
+    images = [np.zeros((*hw, 3), np.uint8) for hw in sizes]
+    refiner = BatchOracle({id(images[1]): np.ones(sizes[1], bool)})
+    config = dataclasses.replace(RefineConfig(sam="none"), multimask=False)
+    rngs = [np.random.default_rng(n) for n in range(3)]
+    got = mmr_batch(roughs, images, refiner, config, rngs)
+    assert refiner.batches == [[id(images[1])]]
+    for n in (0, 2):
+        np.testing.assert_array_equal(got[n].final, roughs[n])
+        assert got[n].masks.shape == (0, 1, *sizes[n]) and got[n].scores.shape == (0, 1)
+    assert got[1].masks.shape[0] == 1 and not np.array_equal(got[1].final, roughs[1])
+    # Nothing anywhere: the refiner is never called, not even with an empty batch.
+    flat = np.full((2, S, S), 0.2, np.float32)
+    out = mmr_batch(flat, images[:2], ExplodingRefiner(), config, rngs[:2])
+    assert [o.prompts.num_boxes for o in out] == [0, 0]
+    assert mmr_batch(flat[:0], [], ExplodingRefiner(), config, []) == []
+    with pytest.raises(ValueError, match="batch sizes"):
+        mmr_batch(roughs, images[:2], refiner, config, rngs)

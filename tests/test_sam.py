@@ -17,6 +17,7 @@ pytest.importorskip("segment_anything")
 from clipsam_jax.config import RefineConfig  # noqa: E402
 from clipsam_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from clipsam_jax.refine import sam as sam_mod  # noqa: E402
+from clipsam_jax.refine.fusion import mmr, mmr_batch  # noqa: E402
 from clipsam_jax.refine.prompts import extract_prompts  # noqa: E402
 from clipsam_jax.refine.sam import (  # noqa: E402
     SAM_VARIANTS,
@@ -85,7 +86,7 @@ def test_batched_equals_one_by_one(refiner, image, prompts):
     singles = [refiner.refine(image, prompts.select(slice(i, i + 1))) for i in range(3)]
     np.testing.assert_array_equal(np.concatenate([m for m, _ in singles]), masks)
     np.testing.assert_allclose(np.concatenate([s for _, s in singles]), scores, atol=1e-5)
-    chunked_masks, chunked_scores = SamRefiner(refiner.predictor.model, 2).refine(image, prompts)
+    chunked_masks, chunked_scores = SamRefiner(refiner.model, 2).refine(image, prompts)
     np.testing.assert_array_equal(chunked_masks, masks)
     np.testing.assert_allclose(chunked_scores, scores, atol=1e-5)
 
@@ -112,11 +113,109 @@ def test_zero_boxes_skip_sam(tiny, image):
     def boom(*args, **kwargs):
         raise AssertionError("SAM must not run without boxes")
 
-    refiner.predictor.set_image = boom
+    refiner._encode = boom
     empty = extract_prompts(np.zeros((8, 8)), 0.47, 5, IMAGE_HW, np.random.default_rng(0))
     masks, scores = refiner.refine(image, empty)
     assert masks.shape == (0, 3, *IMAGE_HW) and masks.dtype == bool
     assert scores.shape == (0, 3) and scores.dtype == np.float32
+    out = refiner.refine_batch([image, image[:40]], [empty, _empty_prompts((40, 140))], False)
+    assert [m.shape for m, _ in out] == [(0, 1, *IMAGE_HW), (0, 1, 40, 140)]
+    assert refiner.refine_batch([], []) == []
+
+
+# Different sizes and aspect ratios (wide, tall, square, odd): different resized input sizes
+# and paddings inside one encoder batch. Images 1 and 3 have no box.
+BATCH_HW = [(90, 140), (64, 64), (150, 70), (33, 201), (120, 120)]
+
+
+def _empty_prompts(hw):
+    return extract_prompts(np.zeros((8, 8)), 0.47, 5, hw, np.random.default_rng(0))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(1)
+    images, prompts = [], []
+    for n, hw in enumerate(BATCH_HW):
+        images.append(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+        rough = np.zeros((16, 16), dtype=np.float32)
+        if n not in (1, 3):
+            rough[1 + n : 5 + n, 2:7] = 0.9
+            rough[10:13, 9 + n : 12 + n] = 0.8
+        prompts.append(extract_prompts(rough, 0.47, 3, hw, rng))
+    assert [p.num_boxes for p in prompts] == [2, 0, 2, 0, 2]
+    return images, prompts
+
+
+def test_refine_batch_equals_refine(tiny, batch):
+    images, prompts = batch
+    single = SamRefiner(tiny)
+    expected = [single.refine(im, p) for im, p in zip(images, prompts)]
+    refiner = SamRefiner(tiny, max_images_per_call=2)
+    chunks = []
+    encode = refiner._encode
+    refiner._encode = lambda ims: chunks.append([im.shape[:2] for im in ims]) or encode(ims)
+    got = refiner.refine_batch(images, prompts)
+    # Only the 3 images with boxes reach the encoder, at most 2 per call.
+    assert chunks == [[BATCH_HW[0], BATCH_HW[2]], [BATCH_HW[4]]]
+    assert refiner.images_encoded == 3 and refiner.boxes_decoded == 6
+    for n, ((m, s), (em, es)) in enumerate(zip(got, expected)):
+        assert m.shape == em.shape == (prompts[n].num_boxes, 3, *BATCH_HW[n]), n
+        assert m.dtype == bool and s.dtype == np.float32
+        np.testing.assert_array_equal(m, em, err_msg=f"image {n}")
+        np.testing.assert_allclose(s, es, atol=1e-5, err_msg=f"image {n}")
+    assert 0 < np.concatenate([m.ravel() for m, _ in got]).mean() < 1  # masks not trivial
+    # One encoder call for all, and boxes chunked too: same result.
+    wide = SamRefiner(tiny, max_boxes_per_call=1, max_images_per_call=8).refine_batch(
+        images, prompts
+    )
+    for (m, s), (em, es) in zip(wide, expected):
+        np.testing.assert_array_equal(m, em)
+        np.testing.assert_allclose(s, es, atol=1e-5)
+
+
+def test_refine_batch_single_mask_and_errors(refiner, batch):
+    images, prompts = batch
+    got = refiner.refine_batch(images[:3], prompts[:3], multimask=False)
+    assert [m.shape for m, _ in got] == [(2, 1, 90, 140), (0, 1, 64, 64), (2, 1, 150, 70)]
+    assert [s.shape for _, s in got] == [(2, 1), (0, 1), (2, 1)]
+    with pytest.raises(ValueError, match="prompt sets"):
+        refiner.refine_batch(images, prompts[:2])
+    with pytest.raises(ValueError, match="image 1"):
+        refiner.refine_batch(images[:2], [prompts[0], prompts[0]])
+
+
+def test_timers(tiny, batch):
+    images, prompts = batch
+    refiner = SamRefiner(tiny)
+    assert refiner.encoder_seconds == refiner.decoder_seconds == 0.0
+    refiner.refine_batch(images, prompts)
+    first = (refiner.preprocess_seconds, refiner.encoder_seconds, refiner.decoder_seconds)
+    assert all(t > 0 for t in first)
+    refiner.refine(images[0], prompts[0])
+    assert refiner.encoder_seconds > first[1] and refiner.decoder_seconds > first[2]
+    assert (refiner.images_encoded, refiner.boxes_decoded) == (4, 8)
+    refiner.reset_timers()
+    assert refiner.encoder_seconds == refiner.decoder_seconds == refiner.preprocess_seconds == 0
+    assert refiner.images_encoded == refiner.boxes_decoded == 0
+
+
+def test_mmr_batch_equals_mmr_tiny_sam(tiny, batch):
+    images, _ = batch
+    config = RefineConfig(sam="tiny-random", points=3)
+    roughs = np.random.default_rng(2).random((len(images), 16, 16)).astype(np.float32) * 0.6
+    roughs[1] *= 0.5  # below threshold: no component
+    refiner = SamRefiner(tiny, max_images_per_call=2)
+    got = mmr_batch(roughs, images, refiner, config, [np.random.default_rng(n) for n in range(5)])
+    assert refiner.images_encoded == 4
+    for n, (rough, image) in enumerate(zip(roughs, images)):
+        want = mmr(rough, image, refiner, config, np.random.default_rng(n))
+        np.testing.assert_array_equal(got[n].prompts.boxes, want.prompts.boxes)
+        np.testing.assert_array_equal(got[n].prompts.points, want.prompts.points)
+        np.testing.assert_array_equal(got[n].masks, want.masks)
+        np.testing.assert_allclose(got[n].scores, want.scores, atol=1e-5)
+        np.testing.assert_allclose(got[n].final, want.final, atol=1e-5)
+    assert got[1].prompts.num_boxes == 0 and got[0].prompts.num_boxes > 0
 
 
 def test_grayscale_and_rgba_accepted(refiner, image, prompts):
@@ -146,8 +245,32 @@ def test_prompts_for_another_size_rejected(refiner, image, prompts):
 
 
 def test_autocast_needs_cuda(tiny):
+    for name in ("bf16", "fp16", "bfloat16", "float16"):
+        with pytest.raises(ConfigError, match="CUDA"):
+            SamRefiner(tiny, autocast=name)
+    with pytest.raises(ConfigError, match="autocast must be"):
+        SamRefiner(tiny, autocast="int8")
+    for name in (None, "fp32", "float32", "auto"):  # "auto" is fp32 off CUDA
+        assert SamRefiner(tiny, autocast=name).autocast is None
     with pytest.raises(ConfigError, match="CUDA"):
-        SamRefiner(tiny, autocast="bf16")
+        SamRefiner.from_config(RefineConfig(sam="tiny-random", device="cpu"), autocast="fp16")
+    with pytest.raises(ConfigError, match="max_images_per_call"):
+        SamRefiner(tiny, max_images_per_call=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", [None, "bf16", "fp16"])
+def test_cuda_batch_and_autocast(tiny, batch, autocast):
+    images, prompts = batch
+    reference = SamRefiner(tiny).refine_batch(images, prompts)  # fp32 on CPU
+    cuda = SamRefiner(build_sam("tiny-random", device="cuda"), autocast=autocast)
+    got = cuda.refine_batch(images, prompts)
+    assert cuda.encoder_seconds > 0 and cuda.decoder_seconds > 0
+    for (m, s), (em, es) in zip(got, reference):
+        assert m.dtype == bool and s.dtype == np.float32 and m.shape == em.shape
+        # GPU kernels (and half precision) move logits near the threshold: nearly all agree.
+        assert (m == em).mean() > (0.999 if autocast is None else 0.98)
+        np.testing.assert_allclose(s, es, atol=1e-4 if autocast is None else 5e-2)
 
 
 def test_from_config_and_warning(caplog):

@@ -12,29 +12,34 @@ from typing import Any
 
 from clipsam_jax.refine.fusion import (
     NORMS,
+    BatchMaskRefiner,
     MaskRefiner,
     MMRResult,
     fuse,
     fuse_batch,
     masks_to_grid,
     mmr,
+    mmr_batch,
     normalize,
 )
 from clipsam_jax.refine.prompts import PAD_LABEL, Prompts, extract_prompts
 
 _LAZY_SAM = (
+    "AUTOCAST_CHOICES",
     "SAM_VARIANTS",
     "SamRefiner",
     "SamVariant",
     "build_sam",
     "build_tiny_sam",
     "identify_variant",
+    "resolve_autocast",
     "resolve_device",
     "to_rgb_uint8",
 )
 
 __all__ = [
     "NORMS",
+    "BatchMaskRefiner",
     "PAD_LABEL",
     "MMRResult",
     "MaskRefiner",
@@ -44,6 +49,7 @@ __all__ = [
     "fuse_batch",
     "masks_to_grid",
     "mmr",
+    "mmr_batch",
     "normalize",
     *_LAZY_SAM,
 ]

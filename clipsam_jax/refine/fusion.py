@@ -186,3 +186,78 @@ def mmr(
         masks, scores = refiner.refine(image, prompts, multimask=config.multimask)
     final = fuse(rough, masks, scores, norm=config.fusion_norm)
     return MMRResult(final=final, prompts=prompts, masks=masks, scores=scores)
+
+
+class BatchMaskRefiner(MaskRefiner, Protocol):
+    """A refiner that also takes several images at once (`SamRefiner.refine_batch`)."""
+
+    def refine_batch(
+        self, images: Sequence[np.ndarray], prompts: Sequence[Prompts], multimask: bool = True
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """→ per image: masks bool (q_n, k, H_n, W_n), scores float32 (q_n, k)."""
+        ...
+
+
+def mmr_batch(
+    roughs: np.ndarray | Sequence[np.ndarray],
+    images: Sequence[np.ndarray],
+    refiner: MaskRefiner | BatchMaskRefiner,
+    config: RefineConfig,
+    rngs: Sequence[np.random.Generator],
+) -> list[MMRResult]:
+    """`mmr` over a batch, with one refiner call for all images that have a component.
+
+    Equal to `[mmr(o, im, refiner, config, g) for o, im, g in zip(roughs, images, rngs)]`:
+    each image draws its points from its own generator, so batching changes no prompt. A
+    refiner with `refine_batch` (SamRefiner: one batched image-encoder pass) gets the images
+    with boxes in one call; any other `MaskRefiner` is called image by image.
+
+    Args:
+      roughs: float (B, S, S) rough maps in [0, 1] (or B maps of possibly different grids).
+      images: B original images, (H_n, W_n) or (H_n, W_n, C); sizes may differ.
+      refiner: e.g. `SamRefiner`; gets no image without a component.
+      config: as in `mmr`.
+      rngs: B point-sampling generators, one per image.
+
+    Returns:
+      B `MMRResult`s, in input order.
+    """
+    if not len(roughs) == len(images) == len(rngs):
+        raise ValueError(f"batch sizes differ: {len(roughs)}, {len(images)}, {len(rngs)}")
+    prompts = [
+        _prompts_for(rough, image, config, rng)
+        for rough, image, rng in zip(roughs, images, rngs, strict=True)
+    ]
+    todo = [n for n, p in enumerate(prompts) if p.num_boxes > 0]
+    if not todo:
+        refined = []  # nothing to refine: no call at all, not even an empty batch
+    elif hasattr(refiner, "refine_batch"):
+        refined = refiner.refine_batch(
+            [images[n] for n in todo], [prompts[n] for n in todo], multimask=config.multimask
+        )
+    else:
+        refined = [refiner.refine(images[n], prompts[n], multimask=config.multimask) for n in todo]
+    by_image = dict(zip(todo, refined, strict=True))
+    k = 3 if config.multimask else 1
+    results = []
+    for n, (rough, p) in enumerate(zip(roughs, prompts, strict=True)):
+        empty = (np.zeros((0, k, *p.image_hw), dtype=bool), np.zeros((0, k), dtype=np.float32))
+        masks, scores = by_image.get(n, empty)
+        final = fuse(rough, masks, scores, norm=config.fusion_norm)
+        results.append(MMRResult(final=final, prompts=p, masks=masks, scores=scores))
+    return results
+
+
+def _prompts_for(
+    rough: np.ndarray, image: np.ndarray, config: RefineConfig, rng: np.random.Generator
+) -> Prompts:
+    """`extract_prompts` with `config`'s settings, in `image`'s pixel coordinates (as `mmr`)."""
+    return extract_prompts(
+        rough,
+        threshold=config.threshold,
+        num_points=config.points,
+        image_hw=tuple(np.shape(image)[:2]),
+        rng=rng,
+        connectivity=config.connectivity,
+        per_component=config.point_sampling == "per_component",
+    )

@@ -1,4 +1,4 @@
-"""SAM refiner (Sec. 3.3, Eq. 8; SPEC §4): model registry, checkpoint loading, batched prompts.
+"""SAM refiner (Sec. 3.3, Eq. 8; SPEC §4): registry, checkpoints, batched images and prompts.
 
 The only module of the library that imports torch and `segment_anything`; everything else
 imports without them.
@@ -17,14 +17,15 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from segment_anything import SamPredictor, sam_model_registry
+from segment_anything import sam_model_registry
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -32,6 +33,7 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from clipsam_jax.config import RefineConfig
 from clipsam_jax.errors import CheckpointError, ConfigError
@@ -326,22 +328,69 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
-_AUTOCAST = {
+# Accepted `autocast` names → torch dtype; None = full fp32 (no autocast).
+_AUTOCAST: dict[str | None, torch.dtype | None] = {
+    None: None,
+    "fp32": None,
+    "float32": None,
     "fp16": torch.float16,
     "float16": torch.float16,
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
+AUTOCAST_CHOICES = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_autocast(autocast: str | None, device: torch.device) -> str | None:
+    """Canonical autocast name for SAM on `device`: None (fp32), "fp16" or "bf16".
+
+    "auto" is bf16 on a CUDA device that supports it and fp32 elsewhere; "fp32" and None
+    both mean no autocast. Mixed precision is CUDA only (on CPU it would be slower, and the
+    reference results are fp32).
+
+    Raises:
+      ConfigError: unknown name, fp16/bf16 on a non-CUDA device, bf16 on a GPU without it.
+    """
+    if autocast == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else None
+    if autocast not in _AUTOCAST:
+        names = sorted(k for k in _AUTOCAST if k is not None)
+        raise ConfigError(f"autocast must be None, 'auto' or one of {names}, got {autocast!r}")
+    dtype = _AUTOCAST[autocast]
+    if dtype is None:
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"autocast={autocast!r} needs SAM on CUDA, it is on {device}")
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"autocast={autocast!r}: this GPU does not support bfloat16")
+    return "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
 class SamRefiner:
-    """SAM on one image at a time: one embedding per image, all its boxes in one batch.
+    """SAM masks for the boxes of many images: batched image encoder, per-image decoder.
+
+    The image encoder (nearly all of SAM's cost) runs on up to `max_images_per_call` images
+    at once; the mask decoder then runs per image with all its boxes in one batched call
+    (SAM's decoder takes one image embedding per call). Images without boxes cost nothing.
+    Preprocessing and postprocessing are segment_anything's own (`ResizeLongestSide`,
+    `Sam.preprocess`, `Sam.postprocess_masks`), so results equal `SamPredictor`'s.
 
     Args:
       model: a SAM model (see `build_sam`); its device is used.
       max_boxes_per_call: split an image's boxes into chunks of this size (memory bound for
         images with very many components); None = all in one call.
-      autocast: None (default, fp32), "fp16" or "bf16" mixed precision, CUDA only.
+      autocast: None / "fp32" (default), "fp16", "bf16" mixed precision (CUDA only), or
+        "auto" (bf16 on CUDA, fp32 on CPU). Masks and scores come back as bool / float32.
+      max_images_per_call: images per encoder call, a memory bound: ViT-H's global-attention
+        blocks hold a 16×4096×4096 attention matrix, about 1 GiB per image in fp32.
+
+    Attributes:
+      preprocess_seconds, encoder_seconds, decoder_seconds: accumulated wall time of the
+        resize/normalize/pad, the image encoder, and prompt encoding + mask decoding +
+        upscaling + copy to host; CUDA is synchronized before each clock read.
+      images_encoded, boxes_decoded: how many images went through the encoder, how many
+        boxes through the decoder. `reset_timers()` zeroes all five.
     """
 
     def __init__(
@@ -349,23 +398,28 @@ class SamRefiner:
         model: Sam,
         max_boxes_per_call: int | None = None,
         autocast: str | None = None,
+        max_images_per_call: int = 4,
     ) -> None:
         if max_boxes_per_call is not None and max_boxes_per_call < 1:
             raise ConfigError(f"max_boxes_per_call must be >= 1, got {max_boxes_per_call}")
-        if autocast is not None:
-            if autocast not in _AUTOCAST:
-                raise ConfigError(f"autocast must be one of {sorted(_AUTOCAST)}, got {autocast!r}")
-            if model.device.type != "cuda":
-                raise ConfigError(
-                    f"autocast={autocast!r} needs SAM on CUDA, it is on {model.device}"
-                )
-        self.predictor = SamPredictor(model)
+        if max_images_per_call < 1:
+            raise ConfigError(f"max_images_per_call must be >= 1, got {max_images_per_call}")
+        self.model = model
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.max_boxes_per_call = max_boxes_per_call
-        self.autocast = autocast
+        self.max_images_per_call = max_images_per_call
+        self.autocast = resolve_autocast(autocast, model.device)
+        self.reset_timers()
 
     @classmethod
     def from_config(
-        cls, config: RefineConfig, cache_dir: str | None = None, **kwargs
+        cls,
+        config: RefineConfig,
+        cache_dir: str | None = None,
+        *,
+        autocast: str | None = None,
+        max_boxes_per_call: int | None = None,
+        max_images_per_call: int = 4,
     ) -> SamRefiner:
         """Build SAM from `RefineConfig` (sam, sam_checkpoint, download_sam, device)."""
         if config.sam == "none":
@@ -373,16 +427,24 @@ class SamRefiner:
         model = build_sam(
             config.sam, config.sam_checkpoint, config.download_sam, config.device, cache_dir
         )
-        return cls(model, **kwargs)
+        return cls(model, max_boxes_per_call, autocast, max_images_per_call)
 
     @property
     def device(self) -> torch.device:
-        return self.predictor.device
+        return self.model.device
+
+    def reset_timers(self) -> None:
+        """Zero the stage timers and counters."""
+        self.preprocess_seconds = 0.0
+        self.encoder_seconds = 0.0
+        self.decoder_seconds = 0.0
+        self.images_encoded = 0
+        self.boxes_decoded = 0
 
     def refine(
         self, image_rgb: np.ndarray, prompts: Prompts, multimask: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """SAM masks for every box of one image (Eq. 8).
+        """SAM masks for every box of one image (Eq. 8); `refine_batch` of one image.
 
         Args:
           image_rgb: the original image, (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA.
@@ -393,41 +455,148 @@ class SamRefiner:
           masks bool (q, k, H, W) at the original resolution, scores float32 (q, k).
           q = 0 returns empty arrays without running SAM.
         """
-        image = to_rgb_uint8(image_rgb)
-        hw = image.shape[:2]
-        if tuple(prompts.image_hw) != hw:
-            raise ValueError(f"prompts are for an image of size {prompts.image_hw}, got {hw}")
+        return self.refine_batch([image_rgb], [prompts], multimask)[0]
+
+    def refine_batch(
+        self,
+        images: Sequence[np.ndarray],
+        prompts: Sequence[Prompts],
+        multimask: bool = True,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """SAM masks for the boxes of several images, the encoder batched across images.
+
+        Args:
+          images: N original images, each (H_n, W_n) gray, (H_n, W_n, 3) RGB or RGBA; sizes
+            may differ.
+          prompts: N `Prompts`, each in its image's pixel coordinates (q_n may be 0).
+          multimask: k = 3 masks per box (paper) or k = 1.
+
+        Returns:
+          N pairs (masks bool (q_n, k, H_n, W_n), scores float32 (q_n, k)), equal to `refine`
+          image by image. Images with q_n = 0 get empty arrays and no encoder work.
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompt sets")
+        rgb = [to_rgb_uint8(image) for image in images]
+        for n, (image, p) in enumerate(zip(rgb, prompts, strict=True)):
+            if tuple(p.image_hw) != image.shape[:2]:
+                raise ValueError(
+                    f"image {n}: prompts are for an image of size {p.image_hw}, "
+                    f"got {image.shape[:2]}"
+                )
         k = 3 if multimask else 1
+        results = [
+            (np.zeros((0, k, *image.shape[:2]), bool), np.zeros((0, k), np.float32))
+            for image in rgb
+        ]
+        todo = [n for n, p in enumerate(prompts) if p.num_boxes > 0]
+        step = self.max_images_per_call
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(todo), step):
+                chunk = todo[start : start + step]
+                features, input_sizes = self._encode([rgb[n] for n in chunk])
+                for i, n in enumerate(chunk):
+                    # features[i : i + 1]: the decoder expects one image embedding per call.
+                    results[n] = self._decode(
+                        features[i : i + 1], prompts[n], input_sizes[i], rgb[n].shape[:2], multimask
+                    )
+                del features  # free the chunk's embeddings before the next encoder call
+        return results
+
+    def _encode(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Image embeddings (n, C, h, w) of n uint8 RGB images, and their resized (H', W').
+
+        Each image goes through `SamPredictor.set_image`'s steps: channel order, resize of the
+        long side to the encoder size (uint8, `ResizeLongestSide`), then `Sam.preprocess`
+        (normalize, pad bottom/right to a square), so all stack into (n, 3, 1024, 1024).
+        """
+        with self._timed("preprocess_seconds"):
+            inputs, input_sizes = [], []
+            for image in images:
+                if self.model.image_format == "BGR":
+                    image = image[..., ::-1]
+                resized = self.transform.apply_image(image)
+                input_sizes.append(tuple(resized.shape[:2]))
+                x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
+                inputs.append(self.model.preprocess(x[None]))
+            batch = torch.cat(inputs)
+        with self._timed("encoder_seconds"):
+            features = self.model.image_encoder(batch)
+        self.images_encoded += len(images)
+        return features, input_sizes
+
+    def _decode(
+        self,
+        features: torch.Tensor,
+        prompts: Prompts,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+        multimask: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Masks bool (q, k, H, W) and scores float32 (q, k) of one image's boxes.
+
+        `features` (1, C, h, w) is the image's embedding; boxes go to the decoder in chunks of
+        `max_boxes_per_call`, each chunk as in `SamPredictor.predict_torch`.
+        """
         q = prompts.num_boxes
-        if q == 0:
-            return np.zeros((0, k, *hw), dtype=bool), np.zeros((0, k), dtype=np.float32)
         step = self.max_boxes_per_call or q
         masks, scores = [], []
-        with torch.inference_mode(), self._autocast():
-            self.predictor.set_image(image)  # the image embedding, once per image
+        with self._timed("decoder_seconds"):
             for start in range(0, q, step):
-                m, s = self._predict(prompts.select(slice(start, start + step)), hw, multimask)
+                part = prompts.select(slice(start, start + step))
+                m, s = self._decode_chunk(features, part, input_size, original_size, multimask)
                 masks.append(m)
                 scores.append(s)
-        self.predictor.reset_image()  # drop the embedding, do not keep it between images
+        self.boxes_decoded += q
         return np.concatenate(masks), np.concatenate(scores)
 
-    def _predict(
-        self, prompts: Prompts, hw: tuple[int, int], multimask: bool
+    def _decode_chunk(
+        self,
+        features: torch.Tensor,
+        prompts: Prompts,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+        multimask: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One batched decoder call for all boxes in `prompts`."""
-        transform, device = self.predictor.transform, self.device
+        """One batched prompt-encoder + mask-decoder call for all boxes of `prompts`."""
+        model, transform, device = self.model, self.transform, self.device
         boxes = torch.as_tensor(prompts.boxes, dtype=torch.float32, device=device)
-        boxes = transform.apply_boxes_torch(boxes, hw)
-        coords = labels = None
+        boxes = transform.apply_boxes_torch(boxes, original_size)
+        points = None
         if prompts.points.shape[1] > 0:
             coords = torch.as_tensor(prompts.points, dtype=torch.float32, device=device)
-            coords = transform.apply_coords_torch(coords, hw)
+            coords = transform.apply_coords_torch(coords, original_size)
             labels = torch.as_tensor(prompts.point_labels, dtype=torch.int32, device=device)
-        masks, scores, _ = self.predictor.predict_torch(
-            coords, labels, boxes=boxes, multimask_output=multimask
+            points = (coords, labels)
+        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
+        low_res, iou = model.mask_decoder(
+            image_embeddings=features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
         )
-        return masks.cpu().numpy(), scores.float().cpu().numpy()
+        # Upscale in fp32 even under autocast: the threshold at the mask boundary is where
+        # half precision would flip pixels. A no-op for fp32.
+        logits = model.postprocess_masks(low_res.float(), input_size, original_size)
+        masks = logits > model.mask_threshold
+        return masks.cpu().numpy(), iou.float().cpu().numpy()
+
+    @contextlib.contextmanager
+    def _timed(self, counter: str) -> Iterator[None]:
+        """Add the block's wall time to `self.<counter>`; CUDA work is waited for first, so
+        asynchronous kernels are charged to the stage that launched them."""
+        self._synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            setattr(self, counter, getattr(self, counter) + time.perf_counter() - start)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:

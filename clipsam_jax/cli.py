@@ -30,86 +30,144 @@ def add_clip_flags(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
     """CLIP flags. With `from_checkpoint`, they default to None: a trained head's own CLIP
     settings apply, and only the flags actually given replace them (`clip_overrides`)."""
     group = parser.add_argument_group("CLIP backbone (SPEC §1)")
-    group.add_argument(
+    add = group.add_argument
+    add(
         "--clip",
         default=DEFAULT_CLIP,
         help="hub id or local directory of a CLIP checkpoint (PyTorch or Flax)",
     )
-    group.add_argument(
+    add(
         "--image-size",
         type=int,
         default=518,
         help="input size S, a multiple of 14 (518: APRIL-GAN protocol; 336 native)",
     )
-    group.add_argument(
+    add(
         "--feature-layers",
         type=int_tuple,
         default=None,
         help="encoder layers feeding the head (default: quarters, 6,12,18,24)",
     )
-    group.add_argument("--templates", choices=("clipsam29", "aprilgan35"), default="clipsam29")
-    group.add_argument(
+    add(
+        "--templates",
+        choices=("clipsam29", "aprilgan35"),
+        default="clipsam29",
+        help="prompt templates: Figure 7's 29 or APRIL-GAN's 35",
+    )
+    add(
         "--object-name",
         choices=("as_written", "spaced", "object"),
         default="as_written",
         help="object word in the prompts",
     )
-    group.add_argument(
+    add(
+        "--prompt-normalization",
+        choices=("sentence_and_mean", "mean"),
+        default="sentence_and_mean",
+        help="normalize each sentence embedding before averaging (default) or the mean only",
+    )
+    add(
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
         default="auto",
-        help="CLIP compute dtype (auto: bf16 on accelerators, fp32 on CPU)",
+        help="CLIP and head compute dtype (auto: bf16 on accelerators, fp32 on CPU)",
     )
-    group.add_argument("--cache-dir", default=None,
-                       help="cache of converted CLIP params and text features")  # fmt: skip
+    add("--cache-dir", default=None, help="cache of converted CLIP params and text features")
     if from_checkpoint:
-        parser.set_defaults(clip=None, image_size=None, templates=None, object_name=None,
-                            dtype=None)  # fmt: skip
+        parser.set_defaults(
+            clip=None,
+            image_size=None,
+            templates=None,
+            object_name=None,
+            prompt_normalization=None,
+            dtype=None,
+        )
 
 
 def clip_overrides(args: argparse.Namespace) -> dict:
     """The CLIP settings given on the command line (flags left at None are absent)."""
-    given = {"model": args.clip, "image_size": args.image_size, "cache_dir": args.cache_dir,
-             "feature_layers": args.feature_layers, "templates": args.templates,
-             "object_name": args.object_name, "dtype": args.dtype}  # fmt: skip
+    given = {
+        "model": args.clip,
+        "image_size": args.image_size,
+        "cache_dir": args.cache_dir,
+        "feature_layers": args.feature_layers,
+        "templates": args.templates,
+        "object_name": args.object_name,
+        "dtype": args.dtype,
+        "prompt_normalization": args.prompt_normalization,
+    }
     return {k: v for k, v in given.items() if v is not None}
 
 
+def clip_config(args: argparse.Namespace) -> ClipConfig:
+    return ClipConfig(
+        model=args.clip,
+        image_size=args.image_size,
+        feature_layers=args.feature_layers,
+        templates=args.templates,
+        object_name=args.object_name,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        prompt_normalization=args.prompt_normalization,
+    )
+
+
 def add_refine_flags(parser: argparse.ArgumentParser) -> None:
-    refine = parser.add_argument_group("MMR / SAM (SPEC §4)")
-    refine.add_argument(
+    group = parser.add_argument_group("MMR / SAM (SPEC §4)")
+    add = group.add_argument
+    add(
         "--sam",
         choices=("vit_h", "vit_l", "vit_b", "tiny-random", "none"),
         default="vit_h",
         help="SAM variant; none = rough maps only",
     )
-    refine.add_argument("--sam-checkpoint", default=None, help="e.g. sam_vit_h_4b8939.pth")
-    refine.add_argument(
+    add("--sam-checkpoint", default=None, help="e.g. sam_vit_h_4b8939.pth")
+    add(
         "--download-sam",
         action="store_true",
         help="fetch the official SAM checkpoint (hash prefix verified)",
     )
-    refine.add_argument("--sam-device", default="auto", help="torch device for SAM")
-    refine.add_argument("--threshold", type=float, default=0.47, help="binarization (Table 3)")
-    refine.add_argument("--points", type=int, default=5, help="m random points per image")
-    refine.add_argument("--point-sampling", choices=("shared", "per_component"), default="shared")
-    refine.add_argument("--fusion-norm", choices=("max", "minmax", "none"), default="max")  # fmt: skip
+    add("--sam-device", default="auto", help="torch device for SAM")
+    add(
+        "--sam-dtype",
+        choices=("fp32", "fp16", "bf16", "auto"),
+        default="fp32",
+        help="SAM autocast on CUDA (auto: bf16 where supported)",
+    )
+    add("--sam-images-per-call", type=int, default=4, help="images per SAM encoder call")
+    add("--threshold", type=float, default=0.47, help="binarization (Table 3)")
+    add(
+        "--connectivity",
+        type=int,
+        choices=(4, 8),
+        default=8,
+        help="connected components of the binarized map",
+    )
+    add("--points", type=int, default=5, help="m random points per image")
+    add("--point-sampling", choices=("shared", "per_component"), default="shared")
+    add(
+        "--single-mask",
+        action="store_true",
+        help="one SAM mask per box instead of three (multimask_output=False)",
+    )
+    add("--fusion-norm", choices=("max", "minmax", "none"), default="max")
 
 
 def refine_config(args: argparse.Namespace) -> RefineConfig:
     return RefineConfig(
-        sam=args.sam, sam_checkpoint=args.sam_checkpoint, download_sam=args.download_sam,
-        threshold=args.threshold, points=args.points, point_sampling=args.point_sampling,
-        fusion_norm=args.fusion_norm, device=args.sam_device,
-    )  # fmt: skip
-
-
-def clip_config(args: argparse.Namespace) -> ClipConfig:
-    return ClipConfig(
-        model=args.clip, image_size=args.image_size, feature_layers=args.feature_layers,
-        templates=args.templates, object_name=args.object_name, dtype=args.dtype,
-        cache_dir=args.cache_dir,
-    )  # fmt: skip
+        sam=args.sam,
+        sam_checkpoint=args.sam_checkpoint,
+        download_sam=args.download_sam,
+        threshold=args.threshold,
+        points=args.points,
+        point_sampling=args.point_sampling,
+        fusion_norm=args.fusion_norm,
+        device=args.sam_device,
+        connectivity=args.connectivity,
+        multimask=not args.single_mask,
+        sam_dtype=args.sam_dtype,
+        sam_images_per_call=args.sam_images_per_call,
+    )
 
 
 def add_dataset_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:

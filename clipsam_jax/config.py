@@ -27,6 +27,9 @@ class ClipConfig:
     feature_layers: tuple[int, ...] | None = None
     templates: Literal["clipsam29", "aprilgan35"] = "clipsam29"  # Appendix A, Figure 7c
     object_name: Literal["as_written", "spaced", "object"] = "as_written"  # Figure 7d: `metal_nut`
+    # SPEC §1 choice: L2-normalize each sentence embedding, average per state, normalize the
+    # mean (WinCLIP / APRIL-GAN); "mean" averages the raw embeddings, then normalizes.
+    prompt_normalization: Literal["sentence_and_mean", "mean"] = "sentence_and_mean"
     dtype: Literal["float32", "bfloat16", "auto"] = (
         "auto"  # auto: bf16 on accelerators, fp32 on CPU
     )
@@ -45,6 +48,15 @@ class HeadConfig:
     # over the two attended tokens from a zero state.
     gru_reading: Literal["carry", "sequence"] = "carry"
     shared_projection: bool = True  # SPEC §2 choice: one Linear(C->C_t) for both paths and fusion
+    # SPEC §2 choice: Eq. 1's conv along the strip axis with kernel 3 (mixes neighbouring
+    # strips); 1 is the literal reading of a 1×3 kernel on a one-wide strip.
+    strip_kernel: int = 3
+    # SPEC §2 choice: bilinear resizes with half-pixel centres; True = APRIL-GAN's
+    # align_corners=True (scale-path B, and the upsampling of stage logits to S×S).
+    align_corners: bool = False
+    # SPEC §2 choice: O = mean of the stages' anomaly probabilities (Eq. 6 averages O_i);
+    # "logits" averages the logits and takes one softmax.
+    stage_average: Literal["probabilities", "logits"] = "probabilities"
     # Conv formulation: "auto" picks shifted matmuls on CPU (XLA CPU convs are slow) and
     # lax.conv elsewhere; both compute the same function with the same params.
     conv_impl: Literal["auto", "xla", "matmul"] = "auto"
@@ -86,6 +98,10 @@ class RefineConfig:
     fusion_norm: Literal["max", "minmax", "none"] = "max"  # SPEC §4 choice
     multimask: bool = True  # Sec. 3.3: three masks per box
     device: str = "auto"  # torch device for SAM: auto = cuda if available else cpu
+    # SAM compute dtype: fp32 keeps reference results device-independent; bf16/fp16 autocast
+    # on CUDA (auto = bf16 where supported) is the fast path.
+    sam_dtype: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"
+    sam_images_per_call: int = 4  # images per batched SAM image-encoder call
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from clipsam_jax.data.types import Sample
 from clipsam_jax.inference import RoughMapModel, load_rough_map_model
 from clipsam_jax.metrics import compute_metrics
 from clipsam_jax.metrics.report import format_table, mean_over_classes
-from clipsam_jax.refine.fusion import mmr
+from clipsam_jax.refine.fusion import mmr_batch
 from clipsam_jax.visualize import panel
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,9 @@ def build_refiner(config: RefineConfig):
         return None
     from clipsam_jax.refine.sam import SamRefiner  # torch is imported only when SAM is used
 
-    return SamRefiner.from_config(config)
+    return SamRefiner.from_config(
+        config, autocast=config.sam_dtype, max_images_per_call=config.sam_images_per_call
+    )
 
 
 def _json_safe(values: dict) -> dict:
@@ -68,6 +70,22 @@ def _class_key(config: EvalConfig, model: RoughMapModel) -> str:
     values["clip_fingerprint"] = model.clip.fingerprint
     values["head"] = None if model.head_config is None else dataclasses.asdict(model.head_config)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_panel(folder: Path, name: str, index: int, batch: dict, i: int, rough: np.ndarray,
+                final: np.ndarray | None, mask: np.ndarray, result) -> None:  # fmt: skip
+    """The evaluation panel of image `i` of `batch` (SPEC §7) as a PNG."""
+    picture = panel(
+        batch["rgb"][i], rough.astype(np.float32),
+        None if final is None else final.astype(np.float32), mask,
+        boxes=None if result is None else result.prompts.boxes,
+        points=None if result is None else result.prompts.points,
+        masks=None if result is None else result.masks,
+        scores=None if result is None else result.scores,
+        title=f"{name} / {Path(batch['paths'][i]).name}",
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(folder / f"{index:04d}_{Path(batch['paths'][i]).stem}.png")
 
 
 def _panel_indices(samples: list[Sample], count: int) -> set[int]:
@@ -94,36 +112,34 @@ def evaluate_class(
     panels = _panel_indices(samples, config.visualize_per_class)
     loader = BatchLoader(samples, size, config.batch_size, keep_rgb=True)
     bar = tqdm(total=count, desc=name, unit="img", disable=not progress)
-    for batch in loader:
-        maps = model(batch["images"], batch["class_names"])
+
+    def finish(batch: dict, maps: np.ndarray) -> None:
+        """MMR, storage and panels of one batch whose rough maps are ready."""
+        results = [None] * len(maps)
+        if refiner is not None:
+            rngs = [np.random.default_rng([config.seed, int(i)]) for i in batch["indices"]]
+            results = mmr_batch(maps, batch["rgb"], refiner, config.refine, rngs)
         for i, index in enumerate(batch["indices"]):
             # Maps are kept in float16, as saved with --save-maps, so saved maps reproduce
             # metrics.json exactly (the rounding moves AUROC by < 1e-4).
             rough[index], masks[index] = maps[i], batch["masks"][i]
-            result = None
-            if refiner is not None:
-                rng = np.random.default_rng([config.seed, int(index)])
-                result = mmr(maps[i], batch["rgb"][i], refiner, config.refine, rng)
-                final[index] = result.final
+            if results[i] is not None:
+                final[index] = results[i].final
             if index in panels:
-                picture = panel(
-                    batch["rgb"][i], rough[index].astype(np.float32),
-                    None if final is None else final[index].astype(np.float32), masks[index],
-                    boxes=None if result is None else result.prompts.boxes,
-                    points=None if result is None else result.prompts.points,
-                    masks=None if result is None else result.masks,
-                    scores=None if result is None else result.scores,
-                    title=f"{name} / {Path(batch['paths'][i]).name}",
-                )  # fmt: skip
-                target = (
-                    output
-                    / "panels"
-                    / name
-                    / f"{int(index):04d}_{Path(batch['paths'][i]).stem}.png"
-                )
-                target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(picture).save(target)
+                _save_panel(output / "panels" / name, name, int(index), batch, i, rough[index],
+                            None if final is None else final[index], masks[index], results[i])  # fmt: skip
         bar.update(len(batch["indices"]))
+
+    # One batch in flight: CLIP + head compute the next batch's maps (asynchronously, in JAX)
+    # while SAM refines the current one (PyTorch), and the loader decodes ahead in threads.
+    previous = None
+    for batch in loader:
+        pending = model.submit(batch["images"], batch["class_names"])
+        if previous is not None:
+            finish(*previous)
+        previous = (batch, model.collect(pending))
+    if previous is not None:
+        finish(*previous)
     bar.close()
     entry = {"n_images": count, "n_anomalous": int(sum(s.label for s in samples))}
     result = {"rough": {**_json_safe(compute_metrics(rough, masks, config.pro_mode)), **entry}}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from clipsam_jax import config as config_lib
 from clipsam_jax.checkpoint import load_head
@@ -22,8 +23,9 @@ from clipsam_jax.clip.loading import ClipModel, load_clip
 from clipsam_jax.clip.prompts import TextFeatures
 from clipsam_jax.config import ClipConfig, HeadConfig
 from clipsam_jax.errors import CheckpointError
-from clipsam_jax.models.heads import build_head, rough_map
+from clipsam_jax.models.heads import build_head, head_rough_map
 from clipsam_jax.models.zero_shot import zero_shot_logits
+from clipsam_jax.parallel.mesh import data_mesh, pad_to, replicate, shard_batch, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +41,22 @@ class RoughMapModel:
     batch_size: int = 8
     clip_config: ClipConfig | None = None  # the settings `clip` was loaded with
     checkpoint_step: int | None = None
+    mesh: Mesh | None = None  # data-parallel devices; default: every device
 
     def __post_init__(self):
+        self.mesh = self.mesh or data_mesh()
+        # One compiled shape for every call, split evenly over the devices.
+        self.batch_size = pad_to(self.batch_size, self.mesh)
+        self._clip_params = replicate(self.clip.params, self.mesh)
+        self._head_params = (
+            None if self.head_params is None else replicate(self.head_params, self.mesh)
+        )
         clip, layers = self.clip, self.clip.feature_layers
         head = None
         if self.head_config is not None:
             head = build_head(self.head_config, clip.text_dim, len(layers), clip.module.dtype)
+
+        to_rough_map = head_rough_map(self.head_config)
 
         def forward(clip_params, head_params, pixels, text):
             features = clip.module.apply(
@@ -55,28 +67,41 @@ class RoughMapModel:
                 logits = zero_shot_logits(clip, clip_params, features.patch_tokens, text)
             else:
                 logits = head.apply({"params": head_params}, features.patch_tokens, text)
-            return rough_map(logits, clip.image_size)
+            return to_rough_map(logits, clip.image_size)
 
         self._forward = jax.jit(forward)
 
-    def __call__(self, images: np.ndarray, class_names: Sequence[str | None]) -> np.ndarray:
-        """images float32 (B, S, S, 3) normalized → rough maps float32 (B, S, S) in [0, 1].
+    def submit(self, images: np.ndarray, class_names: Sequence[str | None]) -> list:
+        """Dispatch the rough maps of a batch without waiting for them (JAX runs them
+        asynchronously, so the caller can run SAM on the previous batch meanwhile); `collect`
+        returns them. images float32 (B, S, S, 3) normalized.
 
-        Batches are padded to `batch_size` so every call reuses one compiled shape.
+        Batches are padded to `batch_size` (a multiple of the device count) so every call
+        reuses one compiled shape; each device computes its slice of the batch.
         """
-        count = images.shape[0]
-        maps = []
-        for start in range(0, count, self.batch_size):
+        pending = []
+        for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start : start + self.batch_size]
             names = list(class_names[start : start + self.batch_size])
-            pad = self.batch_size - len(chunk)
+            valid, pad = len(chunk), self.batch_size - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
                 names += [names[-1]] * pad
-            out = self._forward(self.clip.params, self.head_params, jnp.asarray(chunk),
-                                jnp.asarray(self.text.batch(names)))  # fmt: skip
-            maps.append(np.asarray(out[: len(chunk) - pad], np.float32))
-        return np.concatenate(maps)
+            out = self._forward(
+                self._clip_params, self._head_params, shard_batch(chunk, self.mesh),
+                shard_batch(self.text.batch(names), self.mesh),
+            )  # fmt: skip
+            pending.append((out, valid))
+        return pending
+
+    @staticmethod
+    def collect(pending: list) -> np.ndarray:
+        """The rough maps of a `submit`: float32 (B, S, S) in [0, 1]."""
+        return np.concatenate([to_host(out)[:valid].astype(np.float32) for out, valid in pending])
+
+    def __call__(self, images: np.ndarray, class_names: Sequence[str | None]) -> np.ndarray:
+        """images float32 (B, S, S, 3) normalized → rough maps float32 (B, S, S) in [0, 1]."""
+        return self.collect(self.submit(images, class_names))
 
 
 def checkpoint_clip_config(meta: dict) -> ClipConfig:
@@ -90,6 +115,7 @@ def load_rough_map_model(
     no_umci: bool = False,
     batch_size: int = 8,
     overrides: dict | None = None,
+    mesh: Mesh | None = None,
 ) -> RoughMapModel:
     """Build the rough-map model for evaluation or prediction.
 
@@ -123,6 +149,9 @@ def load_rough_map_model(
                 f"{clip_config.model} has {clip.feature_dim}"
             )
         head_params = jax.tree.map(jnp.asarray, head_params)
-    text = TextFeatures(clip, clip_config.templates, clip_config.object_name, clip_config.cache_dir)
+    text = TextFeatures(clip, clip_config.templates, clip_config.object_name, clip_config.cache_dir,
+                        normalization=clip_config.prompt_normalization)  # fmt: skip
     step = None if no_umci else meta.get("step")
-    return RoughMapModel(clip, text, head_config, head_params, batch_size, clip_config, step)
+    return RoughMapModel(
+        clip, text, head_config, head_params, batch_size, clip_config, step, mesh=mesh
+    )

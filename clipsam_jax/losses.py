@@ -43,7 +43,10 @@ def downsample_masks(masks: jax.Array, height: int, width: int) -> jax.Array:
 
 
 def total_loss(
-    stage_logits: Sequence[jax.Array], masks: jax.Array, config: LossConfig
+    stage_logits: Sequence[jax.Array],
+    masks: jax.Array,
+    config: LossConfig,
+    align_corners: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Σ_i λ_i (focal_i + dice_i) (Eq. 12) and its per-stage parts.
 
@@ -58,7 +61,7 @@ def total_loss(
     parts = {}
     for i, (weight, logits) in enumerate(zip(config.stage_weights, stage_logits)):
         if config.resolution == "image":
-            target, stage_masks = upsample_logits(logits, masks.shape[-1]), masks
+            target, stage_masks = upsample_logits(logits, masks.shape[-1], align_corners), masks
         else:
             target, stage_masks = logits, downsample_masks(masks, *logits.shape[1:3])
         focal = focal_loss(target, stage_masks, config.focal_gamma)

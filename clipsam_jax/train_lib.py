@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 from clipsam_jax import config as config_lib
 from clipsam_jax.checkpoint import HeadCheckpointer
-from clipsam_jax.clip.cache import FeatureCache
-from clipsam_jax.clip.features import make_image_encoder
+from clipsam_jax.clip.cache import BatchEncoder, FeatureCache
 from clipsam_jax.clip.loading import ClipModel, load_clip
 from clipsam_jax.clip.prompts import TextFeatures
 from clipsam_jax.config import TrainConfig
@@ -129,7 +128,7 @@ class _LogFile:
 
 def _batches(
     config: TrainConfig, clip: ClipModel, samples: list[Sample], cache: FeatureCache | None,
-    epoch: int, skip: int,
+    encode: BatchEncoder | None, epoch: int, skip: int,
 ) -> Iterator[dict]:  # fmt: skip
     """One epoch's training batches: {"tokens", "masks", "class_names"}, from the feature cache
     or (no cache / mosaic) by running CLIP on freshly decoded images."""
@@ -142,10 +141,8 @@ def _batches(
         positions = loader.batch_positions()[skip:]
         yield from cache.batches(samples, [order[p] for p in positions])
         return
-    encoder = make_image_encoder(clip)
     for batch in loader:
-        features = encoder(clip.params, batch["images"])
-        yield {"tokens": features.patch_tokens, "masks": batch["masks"],
+        yield {"tokens": encode(batch["images"]), "masks": batch["masks"],
                "class_names": batch["class_names"]}  # fmt: skip
 
 
@@ -173,7 +170,8 @@ def train(
         config.clip.model, config.clip.image_size, config.clip.feature_layers,
         config.clip.cache_dir, config.clip.dtype,
     )  # fmt: skip
-    text = TextFeatures(clip, config.clip.templates, config.clip.object_name, config.clip.cache_dir)
+    text = TextFeatures(clip, config.clip.templates, config.clip.object_name, config.clip.cache_dir,
+                        normalization=config.clip.prompt_normalization)  # fmt: skip
     cache = None
     if config.feature_cache and not config.mosaic:
         cache = FeatureCache(config.feature_cache_dir, clip)
@@ -181,6 +179,7 @@ def train(
         logger.info("feature cache %s: %d images computed, %d reused", cache.directory, built,
                     len(samples) - built)  # fmt: skip
 
+    encode = None if cache is not None else BatchEncoder(clip, config.optim.batch_size)
     num_stages = len(clip.feature_layers)
     head, optimizer, train_step = train_step_for(
         config.head, clip.text_dim, num_stages, config.loss, config.optim
@@ -217,7 +216,7 @@ def train(
     try:
         while step < total_steps:
             epoch, skip = divmod(step, steps_per_epoch)
-            for batch in _batches(config, clip, samples, cache, epoch, skip):
+            for batch in _batches(config, clip, samples, cache, encode, epoch, skip):
                 started = time.perf_counter()
                 inputs = {"tokens": batch["tokens"], "masks": batch["masks"],
                           "text": text.batch(batch["class_names"])}  # fmt: skip

@@ -40,7 +40,10 @@ def create_state(params: Any, optimizer: optax.GradientTransformation) -> TrainS
 
 
 def make_train_step(
-    head: nn.Module, loss_config: LossConfig, optimizer: optax.GradientTransformation
+    head: nn.Module,
+    loss_config: LossConfig,
+    optimizer: optax.GradientTransformation,
+    align_corners: bool = False,
 ):
     """A jitted `train_step(state, batch) -> (state, metrics)`.
 
@@ -53,7 +56,7 @@ def make_train_step(
         def loss_fn(params):
             tokens = tuple(t.astype(jnp.float32) for t in batch["tokens"])
             logits = head.apply({"params": params}, tokens, batch["text"])
-            return total_loss(logits, batch["masks"], loss_config)
+            return total_loss(logits, batch["masks"], loss_config, align_corners)
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -73,4 +76,4 @@ def train_step_for(
     with equal configs (tests, sweeps) reuse the traced and compiled step."""
     head = build_head(head_config, text_dim, num_stages)
     optimizer = make_optimizer(optim_config)
-    return head, optimizer, make_train_step(head, loss_config, optimizer)
+    return head, optimizer, make_train_step(head, loss_config, optimizer, head_config.align_corners)

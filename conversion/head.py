@@ -164,7 +164,8 @@ def torch_twin_spec(
             num_stages=num_stages, feature_dim=feature_dim, text_dim=text_dim,
             hidden_dim=head.hidden_dim, pool_sizes=[int(s) for s in head.pool_sizes],
             paths=head.paths, gru_reading=head.gru_reading,
-            shared_projection=head.shared_projection,
+            shared_projection=head.shared_projection, strip_kernel=head.strip_kernel,
+            align_corners=head.align_corners,
         )  # fmt: skip
     elif head.kind == "aprilgan":
         kwargs = dict(num_stages=num_stages, feature_dim=feature_dim, text_dim=text_dim)

@@ -13,7 +13,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # Many tests compile the same small programs (train steps, encoders): a persistent compilation
 # cache turns the repeats into lookups.
-jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent.parent / ".pytest_cache" / "jax"))
+jax.config.update(
+    "jax_compilation_cache_dir", str(Path(__file__).parent.parent / ".pytest_cache" / "jax")
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -19,22 +19,23 @@ S = 112  # 8×8 token grid of the tiny CLIP
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Flax CLIP and a UMCI head trained for 3 steps on a one-class synthetic MVTec."""
-    from clipsam_jax.clip.tiny import write_tiny_clip
+def tiny(tmp_path_factory, tiny_clip_dir) -> dict[str, Path]:
+    """The session's tiny CLIP and a UMCI head trained for 3 steps on a one-class synthetic
+    MVTec (the head and optimizer settings of tests/test_train.py, so its compiled step is
+    reused)."""
     from clipsam_jax.config import ClipConfig, HeadConfig, OptimConfig, TrainConfig
     from clipsam_jax.data.synthetic import generate
     from clipsam_jax.train_lib import train
 
     root = tmp_path_factory.mktemp("predict")
-    clip_dir = write_tiny_clip(root / "clip", seed=0, weights="flax")
+    clip_dir = tiny_clip_dir
     data = generate("mvtec", root / "mvtec", classes=["bottle"], images_per_class=2, image_size=64)
     clip = ClipConfig(model=str(clip_dir), image_size=S, dtype="float32")
     train(
         TrainConfig(
             dataset="mvtec", data_root=str(data), workdir=str(root / "run"), max_steps=3,
             feature_cache_dir=str(root / "features"), clip=clip,
-            head=HeadConfig(hidden_dim=16, pool_sizes=(2, 4)), optim=OptimConfig(batch_size=2),
+            head=HeadConfig(hidden_dim=16, pool_sizes=(2, 4)), optim=OptimConfig(batch_size=4, epochs=3, learning_rate=1e-3),
         ),
         progress=False,
     )  # fmt: skip

@@ -154,6 +154,7 @@ def torch_twin(config: HeadConfig):
         4, feature_dim=SMALL["feature_dim"], text_dim=SMALL["text_dim"],
         hidden_dim=SMALL["hidden_dim"], pool_sizes=config.pool_sizes, paths=config.paths,
         gru_reading=config.gru_reading, shared_projection=config.shared_projection,
+        strip_kernel=config.strip_kernel, align_corners=config.align_corners,
     )  # fmt: skip
 
 
@@ -171,7 +172,7 @@ def parity_case(config: HeadConfig, size: int, loss_config: LossConfig | None = 
 
     def loss_fn(p):
         logits = head.apply({"params": p}, tokens, text)
-        return total_loss(logits, masks, loss_config)[0], logits
+        return total_loss(logits, masks, loss_config, config.align_corners)[0], logits
 
     (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     twin = torch_twin(config)
@@ -180,13 +181,15 @@ def parity_case(config: HeadConfig, size: int, loss_config: LossConfig | None = 
     t_logits = twin(t_tokens, torch.from_numpy(text))
     t_loss, _ = torch_ref.total_loss(
         t_logits, torch.from_numpy(masks), weights=loss_config.stage_weights,
-        resolution=loss_config.resolution,
+        resolution=loss_config.resolution, align_corners=config.align_corners,
     )  # fmt: skip
     t_loss.backward()
     for ours, theirs in zip(logits, t_logits):
         assert relative_error(ours, theirs.detach().numpy()) < 1e-5
     np.testing.assert_allclose(
-        rough_map(logits, size), torch_ref.rough_map(t_logits, size).detach().numpy(), atol=1e-5
+        rough_map(logits, size, config.align_corners),
+        torch_ref.rough_map(t_logits, size, config.align_corners).detach().numpy(),
+        atol=1e-5,
     )
     assert float(loss) == pytest.approx(t_loss.item(), rel=1e-5)
     torch_grads = {k: p.grad.numpy() for k, p in twin.named_parameters()}
@@ -211,7 +214,8 @@ def test_parity_with_pytorch_default_518_grid_loss():
 @pytest.mark.parametrize(
     "change",
     [dict(paths="strip", gru_reading="sequence"), dict(paths="scale", shared_projection=False),
-     dict(shared_projection=False), dict(kind="aprilgan")],
+     dict(shared_projection=False), dict(kind="aprilgan"),
+     dict(strip_kernel=1, align_corners=True)],
 )  # fmt: skip
 def test_parity_with_pytorch_variants(change):
     parity_case(dataclasses.replace(HeadConfig(), **change), 336)
@@ -236,8 +240,31 @@ def test_init_params_match_flax_init_tree_and_scale():
         assert a.shape == b.shape and a.dtype == np.float32
     recurrent = ours["stage_0"]["strip_row"]["gru"]["hr"]["kernel"]
     np.testing.assert_allclose(recurrent.T @ recurrent, np.eye(8), atol=1e-5)  # orthogonal
-    big = init_params(build_head(HeadConfig(), 768), 1, [(1, 9, 9, 1024)] * 4, (1, 2, 768))
+    big = init_params(build_head(HeadConfig(hidden_dim=8), 768), 1, [(1, 9, 9, 1024)] * 4,
+                      (1, 2, 768))  # fmt: skip
     kernel = big["stage_0"]["projection"]["kernel"]
     assert abs(kernel.std() - np.sqrt(1 / 1024)) < 0.05 * np.sqrt(1 / 1024)  # LeCun normal
-    assert not np.array_equal(kernel, init_params(build_head(HeadConfig(), 768), 2,
+    assert not np.array_equal(kernel, init_params(build_head(HeadConfig(hidden_dim=8), 768), 2,
                               [(1, 9, 9, 1024)] * 4, (1, 2, 768))["stage_0"]["projection"]["kernel"])  # fmt: skip
+
+
+def test_align_corners_resize_matches_torch():
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    from clipsam_jax.models.layers import resize_bilinear
+
+    for corners in (False, True):
+        ours = resize_bilinear(jnp.asarray(x), 23, 11, align_corners=corners)
+        theirs = torch.nn.functional.interpolate(
+            torch.from_numpy(x).permute(0, 3, 1, 2), size=(23, 11), mode="bilinear",
+            align_corners=corners,
+        ).permute(0, 2, 3, 1)  # fmt: skip
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
+
+
+def test_stage_average_logits_differs_from_probabilities():
+    logits = [jnp.array([[[[0.0, 4.0]]]]), jnp.array([[[[0.0, -2.0]]]])]
+    # probabilities: (sigmoid(4) + sigmoid(-2)) / 2; logits: sigmoid((4 - 2) / 2)
+    probs = float(rough_map(logits, 1)[0, 0, 0])
+    assert probs == pytest.approx((1 / (1 + math.exp(-4)) + 1 / (1 + math.exp(2))) / 2, rel=1e-6)
+    mean_logit = float(rough_map(logits, 1, average="logits")[0, 0, 0])
+    assert mean_logit == pytest.approx(1 / (1 + math.exp(-1.0)), rel=1e-6)

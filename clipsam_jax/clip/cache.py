@@ -13,12 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from clipsam_jax.clip.features import make_image_encoder
 from clipsam_jax.clip.loading import ClipModel
 from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.types import Sample
+from clipsam_jax.parallel.mesh import data_mesh, pad_to, replicate, shard_batch, to_host
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -28,28 +30,37 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     partial.replace(path)  # a killed run never leaves a truncated cache entry
 
 
-def encode_batches(
-    clip: ClipModel, images: np.ndarray, batch_size: int, encoder=None
-) -> tuple[np.ndarray, ...]:
-    """Patch tokens of images (N, S, S, 3) in batches padded to `batch_size` (one compiled
-    shape); returns one (N, H, W, C) array per feature layer, in the encoder's dtype."""
-    encoder = encoder or make_image_encoder(clip)
-    count = images.shape[0]
-    padded = np.zeros((batch_size, *images.shape[1:]), images.dtype)
-    outputs = []
-    for start in range(0, count, batch_size):
-        chunk = images[start : start + batch_size]
-        padded[: len(chunk)] = chunk
-        tokens = encoder(clip.params, padded).patch_tokens
-        outputs.append([np.asarray(t[: len(chunk)]) for t in tokens])
-    return tuple(np.concatenate([o[k] for o in outputs]) for k in range(len(outputs[0])))
+class BatchEncoder:
+    """CLIP patch tokens of host batches, data-parallel over a mesh (default: every device).
+
+    Batches are padded to `batch_size` rounded up to a multiple of the device count, so one
+    compiled shape serves every call.
+    """
+
+    def __init__(self, clip: ClipModel, batch_size: int, mesh: Mesh | None = None):
+        self.mesh = mesh or data_mesh()
+        self.batch_size = pad_to(batch_size, self.mesh)
+        self.params = replicate(clip.params, self.mesh)
+        self.encoder = make_image_encoder(clip)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """images (N, S, S, 3) → one (N, H, W, C) array per feature layer (encoder dtype)."""
+        outputs = []
+        for start in range(0, images.shape[0], self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            padded = np.zeros((self.batch_size, *images.shape[1:]), images.dtype)
+            padded[: len(chunk)] = chunk
+            tokens = self.encoder(self.params, shard_batch(padded, self.mesh)).patch_tokens
+            outputs.append([to_host(t)[: len(chunk)] for t in tokens])
+        return tuple(np.concatenate([o[k] for o in outputs]) for k in range(len(outputs[0])))
 
 
 class FeatureCache:
     """`root/<fingerprint>/<key>.npy` (float16 (L, H, W, C)) and `<key>.mask.npy` (packed bits)."""
 
-    def __init__(self, root: str | Path, clip: ClipModel):
+    def __init__(self, root: str | Path, clip: ClipModel, mesh: Mesh | None = None):
         self.clip = clip
+        self.mesh = mesh
         self.directory = Path(root) / clip.fingerprint
 
     def key(self, sample: Sample) -> str:
@@ -79,11 +90,11 @@ class FeatureCache:
             return 0
         self.directory.mkdir(parents=True, exist_ok=True)
         loader = BatchLoader(todo, self.clip.image_size, batch_size, num_workers=num_workers)
-        encoder = make_image_encoder(self.clip)
+        encode = BatchEncoder(self.clip, batch_size, self.mesh)
         bar = tqdm(total=len(todo), desc="CLIP features", unit="img", disable=not progress)
         with ThreadPoolExecutor(2, thread_name_prefix="clipsam-cache") as writer:
             for batch in loader:
-                tokens = encode_batches(self.clip, batch["images"], batch_size, encoder)
+                tokens = encode(batch["images"])
                 stacked = np.stack(tokens, axis=1).astype(np.float16)  # (B, L, H, W, C)
                 for i, index in enumerate(batch["indices"]):
                     feature_path, mask_path = self._paths(todo[index])

@@ -129,13 +129,15 @@ class TextFeatures:
         object_mode: Literal["as_written", "spaced", "object"] = "as_written",
         cache_dir: str | Path | None = None,
         use_disk_cache: bool = True,
+        normalization: Literal["sentence_and_mean", "mean"] = "sentence_and_mean",
     ):
         self.clip = clip
         self.templates = templates
+        self.normalization = normalization
         self.object_mode = object_mode
         self._encode = make_text_encoder(clip)
         self._memory: dict[str, np.ndarray] = {}
-        key = f"{clip.source}|{clip.fingerprint}|{templates}"
+        key = f"{clip.source}|{clip.fingerprint}|{templates}|{normalization}"
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         root = Path(cache_dir) if cache_dir else default_cache_dir()
         self._disk = root / "text" / digest if use_disk_cache else None
@@ -163,7 +165,9 @@ class TextFeatures:
             value = np.load(path)
         else:
             normal, anomalous = build_sentences(name, self.templates)
-            embeddings = _normalize(self.encode_sentences(normal + anomalous))
+            embeddings = self.encode_sentences(normal + anomalous)
+            if self.normalization == "sentence_and_mean":
+                embeddings = _normalize(embeddings)
             groups = (embeddings[: len(normal)], embeddings[len(normal) :])
             value = _normalize(np.stack([g.mean(axis=0) for g in groups])).astype(np.float32)
             if path is not None:

@@ -29,24 +29,39 @@ def build_head(
             shared_projection=config.shared_projection,
             conv_impl=config.conv_impl,
             dtype=dtype,
+            strip_kernel=config.strip_kernel,
+            align_corners=config.align_corners,
         )
     if config.kind == "aprilgan":
         return AprilGanHead(text_dim=text_dim, num_stages=num_stages, dtype=dtype)
     raise ValueError(f"unknown head kind {config.kind!r}; choose umci or aprilgan")
 
 
-def upsample_logits(logits: jax.Array, size: int) -> jax.Array:
-    """(B, H, W, 2) → (B, size, size, 2), bilinear with half-pixel centres (SPEC §2 choice)."""
-    return resize_bilinear(logits.astype(jnp.float32), size, size)
+def upsample_logits(logits: jax.Array, size: int, align_corners: bool = False) -> jax.Array:
+    """(B, H, W, 2) → (B, size, size, 2), bilinear (half-pixel centres: SPEC §2 choice)."""
+    return resize_bilinear(logits.astype(jnp.float32), size, size, align_corners)
 
 
-def rough_map(stage_logits: Sequence[jax.Array], size: int) -> jax.Array:
+def rough_map(
+    stage_logits: Sequence[jax.Array],
+    size: int,
+    align_corners: bool = False,
+    average: str = "probabilities",
+) -> jax.Array:
     """O = mean_i softmax(B(O_i))[..., 1]: (B, size, size) in [0, 1].
 
     SPEC §2 choice: average the per-stage anomaly probabilities (Eq. 6 averages O_i), which
-    keeps O in [0, 1] for the 0.47 threshold of MMR.
+    keeps O in [0, 1] for the 0.47 threshold of MMR; average="logits" takes one softmax of the
+    mean logits instead.
     """
-    probabilities = [
-        jax.nn.softmax(upsample_logits(o, size), axis=-1)[..., 1] for o in stage_logits
-    ]
+    upsampled = [upsample_logits(o, size, align_corners) for o in stage_logits]
+    if average == "logits":
+        return jax.nn.softmax(jnp.mean(jnp.stack(upsampled), axis=0), axis=-1)[..., 1]
+    probabilities = [jax.nn.softmax(o, axis=-1)[..., 1] for o in upsampled]
     return jnp.mean(jnp.stack(probabilities), axis=0)
+
+
+def head_rough_map(config: HeadConfig | None):
+    """`rough_map` with a head's resize and stage-averaging choices (defaults for None)."""
+    config = config or HeadConfig()
+    return lambda logits, size: rough_map(logits, size, config.align_corners, config.stage_average)

@@ -118,9 +118,28 @@ def average_pool(x: jax.Array, size: int) -> jax.Array:
     return x.reshape(batch, rows, size, cols, size, channels).mean(axis=(2, 4))
 
 
-def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
-    """Bilinear resize of (B, h, w, C) to (B, height, width, C) with half-pixel centres, i.e.
-    PyTorch's `interpolate(mode="bilinear", align_corners=False)` when enlarging."""
+def resize_bilinear(
+    x: jax.Array, height: int, width: int, align_corners: bool = False
+) -> jax.Array:
+    """Bilinear resize of (B, h, w, C) to (B, height, width, C).
+
+    Half-pixel centres by default, i.e. PyTorch's `interpolate(mode="bilinear",
+    align_corners=False)` when enlarging; `align_corners=True` maps the corner pixels onto each
+    other as PyTorch's `align_corners=True` (APRIL-GAN's upsampling).
+    """
     if x.shape[1:3] == (height, width):
         return x
-    return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), method="bilinear")
+    shape = (x.shape[0], height, width, x.shape[3])
+    if not align_corners:
+        return jax.image.resize(x, shape, method="bilinear")
+    # Output index o samples input index o·(in-1)/(out-1): in scale_and_translate's half-pixel
+    # convention that is scale (out-1)/(in-1) and translation (1 - scale)/2.
+    scales, shifts = [], []
+    for size_in, size_out in zip(x.shape[1:3], (height, width)):
+        scale = (size_out - 1) / (size_in - 1) if size_in > 1 and size_out > 1 else float(size_out)
+        scales.append(scale)
+        shifts.append(0.5 * (1.0 - scale) if size_in > 1 and size_out > 1 else 0.0)
+    return jax.image.scale_and_translate(
+        x, shape, (1, 2), jnp.array(scales, x.dtype), jnp.array(shifts, x.dtype),
+        method="linear", antialias=False,
+    )  # fmt: skip

@@ -36,11 +36,12 @@ class StripBranch(nn.Module):
     hidden_dim: int
     gru_reading: Literal["carry", "sequence"] = "carry"
     dtype: jnp.dtype = jnp.float32
+    kernel_size: int = 3
 
     @nn.compact
     def __call__(self, strips: jax.Array, text: jax.Array) -> jax.Array:
         # SPEC §2 choice: a kernel-3 conv along the strip axis, mixing neighbouring strips.
-        v = Conv1D(self.hidden_dim, 3, name="conv")(strips)
+        v = Conv1D(self.hidden_dim, self.kernel_size, name="conv")(strips)
         t1 = nn.Dense(self.hidden_dim, dtype=self.dtype, name="text_query")(text)  # (B, 2, c_h)
         t2 = nn.Dense(self.hidden_dim, dtype=self.dtype, name="text_value")(text)
         attended = attention(t1, v, v)  # text tokens gather the visual strips they match
@@ -106,6 +107,8 @@ class UMCIStage(nn.Module):
     shared_projection: bool = True
     conv_impl: ConvImpl = "auto"
     dtype: jnp.dtype = jnp.float32  # compute dtype (params stay float32)
+    strip_kernel: int = 3
+    align_corners: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, text: jax.Array) -> jax.Array:
@@ -123,12 +126,12 @@ class UMCIStage(nn.Module):
 
         branches = [Conv2D(self.hidden_dim, 3, self.conv_impl, name="conv_ori")(p_fusion)]
         if strip_on:
-            m_row = StripBranch(self.hidden_dim, self.gru_reading, self.dtype, name="strip_row")(
-                p_strip.mean(axis=2), text
-            )  # rows: pooled over the width (1×W kernel)
-            m_col = StripBranch(self.hidden_dim, self.gru_reading, self.dtype, name="strip_col")(
-                p_strip.mean(axis=1), text
-            )  # columns: pooled over the height (H×1 kernel)
+            m_row = StripBranch(
+                self.hidden_dim, self.gru_reading, self.dtype, self.strip_kernel, name="strip_row"
+            )(p_strip.mean(axis=2), text)  # rows: pooled over the width (1×W kernel)
+            m_col = StripBranch(
+                self.hidden_dim, self.gru_reading, self.dtype, self.strip_kernel, name="strip_col"
+            )(p_strip.mean(axis=1), text)  # columns: pooled over the height (H×1 kernel)
             # B(.) of a strip is a broadcast along the pooled axis (Eq. 2).
             strips = m_row[:, :, None, :] + m_col[:, None, :, :]
             m_row_col = Conv2D(self.hidden_dim, 3, self.conv_impl, name="strip_fuse")(strips)
@@ -141,7 +144,7 @@ class UMCIStage(nn.Module):
                 )
                 for i, size in enumerate(self.pool_sizes)
             ]
-            summed = sum(resize_bilinear(m, height, width) for m in scales)  # Eq. 4
+            summed = sum(resize_bilinear(m, height, width, self.align_corners) for m in scales)
             m_g = Conv2D(self.hidden_dim, 3, self.conv_impl, name="scale_fuse")(summed)
             self.sow("intermediates", "M_g1_g2", m_g)
             branches.append(m_g)
@@ -171,6 +174,8 @@ class UMCIHead(nn.Module):
     shared_projection: bool = True
     conv_impl: ConvImpl = "auto"
     dtype: jnp.dtype = jnp.float32
+    strip_kernel: int = 3
+    align_corners: bool = False
 
     @nn.compact
     def __call__(self, patch_tokens: Sequence[jax.Array], text: jax.Array) -> list[jax.Array]:
@@ -181,7 +186,7 @@ class UMCIHead(nn.Module):
             stage = UMCIStage(
                 self.text_dim, self.hidden_dim, tuple(self.pool_sizes), self.paths,
                 self.gru_reading, self.shared_projection, self.conv_impl, self.dtype,
-                name=f"stage_{i}",
+                self.strip_kernel, self.align_corners, name=f"stage_{i}",
             )  # fmt: skip
             outputs.append(stage(tokens, text).astype(jnp.float32))
         return outputs

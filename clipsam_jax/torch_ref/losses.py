@@ -84,6 +84,7 @@ def total_loss(
     resolution: str = "image",
     *,
     mask_antialias: bool = True,
+    align_corners: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_i λ_i (focal_i + dice_i) (Eq. 12) over the stages.
 
@@ -103,7 +104,7 @@ def total_loss(
         grid = tuple(logits.shape[1:3])
         mask = masks
         if resolution == "image" and grid != tuple(masks.shape[1:3]):
-            logits = resize_bilinear_nhwc(logits, masks.shape[1:3])
+            logits = resize_bilinear_nhwc(logits, masks.shape[1:3], align_corners)
         elif resolution == "grid" and grid != tuple(masks.shape[1:3]):
             mask = downsample_mask(masks, grid, antialias=mask_antialias)
         parts[f"focal_{i}"] = focal_loss(logits, mask, gamma)

@@ -61,14 +61,16 @@ def avg_pool_nhwc(x: torch.Tensor, size: int) -> torch.Tensor:
     return pooled.permute(0, 2, 3, 1)
 
 
-def resize_bilinear_nhwc(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_bilinear_nhwc(
+    x: torch.Tensor, size: Sequence[int], align_corners: bool = False
+) -> torch.Tensor:
     """Bilinear resize (B, H, W, C) -> (B, size[0], size[1], C), half-pixel centres.
 
     align_corners=False is what jax.image.resize does. Only used to upsample here, where
-    antialiasing has no effect on either side.
+    antialiasing has no effect on either side. align_corners=True is APRIL-GAN's convention.
     """
     out = F.interpolate(
-        x.permute(0, 3, 1, 2), size=tuple(size), mode="bilinear", align_corners=False
+        x.permute(0, 3, 1, 2), size=tuple(size), mode="bilinear", align_corners=align_corners
     )
     return out.permute(0, 2, 3, 1)
 
@@ -82,7 +84,9 @@ def strip_pool(p_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rough_map(
-    stage_logits: Sequence[torch.Tensor], image_size: int | Sequence[int]
+    stage_logits: Sequence[torch.Tensor],
+    image_size: int | Sequence[int],
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Rough anomaly map: mean over stages of softmax(bilinear(O_i to S×S))[..., 1].
 
@@ -90,7 +94,10 @@ def rough_map(
     [0, 1]. Averaging probabilities rather than logits keeps the map a probability (SPEC §2).
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    probs = [torch.softmax(resize_bilinear_nhwc(o, size), dim=-1)[..., 1] for o in stage_logits]
+    probs = [
+        torch.softmax(resize_bilinear_nhwc(o, size, align_corners), dim=-1)[..., 1]
+        for o in stage_logits
+    ]
     return torch.stack(probs, dim=0).mean(dim=0)
 
 
@@ -138,13 +145,15 @@ class StripBranch(nn.Module):
     with N = H for the row strip and N = W for the column strip.
     """
 
-    def __init__(self, text_dim: int, hidden_dim: int, gru_reading: str = "carry"):
+    def __init__(
+        self, text_dim: int, hidden_dim: int, gru_reading: str = "carry", kernel_size: int = 3
+    ):
         super().__init__()
         if gru_reading not in GRU_READINGS:
             raise ValueError(f"gru_reading must be one of {GRU_READINGS}, got {gru_reading!r}")
         self.gru_reading = gru_reading
         # Kernel 3 along the strip axis: mixes neighbouring rows (columns); SPEC §2 choice.
-        self.conv = nn.Conv1d(text_dim, hidden_dim, kernel_size=3, padding=1)
+        self.conv = nn.Conv1d(text_dim, hidden_dim, kernel_size, padding=kernel_size // 2)
         self.text_query = nn.Linear(text_dim, hidden_dim)  # t¹: query of the first attention
         self.text_value = nn.Linear(text_dim, hidden_dim)  # t²: value of the second attention
         self.gru = GRUCell(hidden_dim)
@@ -221,8 +230,11 @@ class UMCIStage(nn.Module):
         paths: str = "both",
         gru_reading: str = "carry",
         shared_projection: bool = True,
+        strip_kernel: int = 3,
+        align_corners: bool = False,
     ):
         super().__init__()
+        self.align_corners = align_corners
         if paths not in PATHS:
             raise ValueError(f"paths must be one of {PATHS}, got {paths!r}")
         if gru_reading not in GRU_READINGS:
@@ -246,8 +258,8 @@ class UMCIStage(nn.Module):
             self.projection_fusion = nn.Linear(feature_dim, text_dim)
 
         if self.use_strip:
-            self.strip_row = StripBranch(text_dim, hidden_dim, gru_reading)
-            self.strip_col = StripBranch(text_dim, hidden_dim, gru_reading)
+            self.strip_row = StripBranch(text_dim, hidden_dim, gru_reading, strip_kernel)
+            self.strip_col = StripBranch(text_dim, hidden_dim, gru_reading, strip_kernel)
             self.strip_fuse = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1)
         if self.use_scale:
             for k, s in enumerate(pool_sizes):
@@ -298,7 +310,7 @@ class UMCIStage(nn.Module):
         size = p_hat.shape[1:3]
         fused = None
         for branch in self.scale_branches():
-            m_g = resize_bilinear_nhwc(branch(p_hat, text), size)  # (B, H, W, c_h)
+            m_g = resize_bilinear_nhwc(branch(p_hat, text), size, self.align_corners)
             fused = m_g if fused is None else fused + m_g
         return conv2d_nhwc(self.scale_fuse, fused)
 

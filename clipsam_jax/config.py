@@ -131,6 +131,9 @@ class EvalConfig:
     classes: tuple[str, ...] | None = None
     no_umci: bool = False  # Table 2 "w/o UMCI": zero-shot similarity map, MMR still on
     pro_mode: Literal["mvtec", "cflow"] = "mvtec"  # SPEC §5
+    # "exact": per-class metrics over all pixels (memory: the largest class's maps);
+    # "streaming": binned, APPROXIMATE pixel metrics in constant memory (huge classes).
+    metrics: Literal["exact", "streaming"] = "exact"
     save_maps: bool = False
     visualize_per_class: int = 4
     batch_size: int = 8

@@ -24,6 +24,7 @@ from clipsam_jax.config import EvalConfig, RefineConfig
 from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.registry import load_dataset
 from clipsam_jax.data.types import Sample
+from clipsam_jax.errors import ConfigError
 from clipsam_jax.inference import RoughMapModel, load_rough_map_model
 from clipsam_jax.metrics import compute_metrics
 from clipsam_jax.metrics.report import format_table, mean_over_classes
@@ -106,6 +107,8 @@ def evaluate_class(
     """Rough (and final) maps of one class, their metrics, and the requested files."""
     size = model.clip.image_size
     count = len(samples)
+    if config.metrics == "streaming":
+        return _evaluate_class_streaming(name, samples, model, refiner, config, output, progress)
     rough = np.zeros((count, size, size), np.float16)
     final = np.zeros((count, size, size), np.float16) if refiner is not None else None
     masks = np.zeros((count, size, size), bool)
@@ -158,10 +161,51 @@ def evaluate_class(
     return result
 
 
+def _evaluate_class_streaming(
+    name: str, samples: list[Sample], model: RoughMapModel, refiner, config: EvalConfig,
+    output: Path, progress: bool,
+) -> dict:  # fmt: skip
+    """`evaluate_class` in constant memory: binned APPROXIMATE pixel metrics (exact image
+    metrics), no saved maps; for classes too large to hold their maps (issue 6)."""
+    if config.save_maps:
+        raise ConfigError("--save-maps needs --metrics exact (streaming keeps no maps)")
+    if config.pro_mode != "mvtec":
+        raise ConfigError("--metrics streaming computes PRO in the mvtec definition only")
+    from clipsam_jax.metrics.streaming import StreamingPixelMetrics
+
+    size = model.clip.image_size
+    stages = {"rough": StreamingPixelMetrics()}
+    if refiner is not None:
+        stages["final"] = StreamingPixelMetrics()
+    panels = _panel_indices(samples, config.visualize_per_class)
+    bar = tqdm(total=len(samples), desc=name, unit="img", disable=not progress)
+    for batch in BatchLoader(samples, size, config.batch_size, keep_rgb=True):
+        maps = model(batch["images"], batch["class_names"])
+        results = [None] * len(maps)
+        if refiner is not None:
+            rngs = [np.random.default_rng([config.seed, int(i)]) for i in batch["indices"]]
+            results = mmr_batch(maps, batch["rgb"], refiner, config.refine, rngs)
+        rough = maps.astype(np.float16)
+        stages["rough"].update(rough, batch["masks"])
+        final = None
+        if refiner is not None:
+            final = np.stack([r.final for r in results]).astype(np.float16)
+            stages["final"].update(final, batch["masks"])
+        for i, index in enumerate(batch["indices"]):
+            if index in panels:
+                _save_panel(output / "panels" / name, name, int(index), batch, i, rough[i],
+                            None if final is None else final[i], batch["masks"][i], results[i])  # fmt: skip
+        bar.update(len(batch["indices"]))
+    bar.close()
+    entry = {"n_images": len(samples), "n_anomalous": int(sum(s.label for s in samples)),
+             "exact": False}  # fmt: skip
+    return {stage: {**_json_safe(acc.compute()), **entry} for stage, acc in stages.items()}
+
+
 def _summaries(per_class: dict[str, dict], stage: str) -> dict:
     classes = {name: r[stage] for name, r in per_class.items()}
     numeric = {n: {k: (math.nan if v is None else v) for k, v in m.items()
-                   if k not in ("n_images", "n_anomalous")} for n, m in classes.items()}  # fmt: skip
+                   if k not in ("n_images", "n_anomalous", "exact")} for n, m in classes.items()}  # fmt: skip
     return {"classes": classes, "mean": _json_safe(mean_over_classes(numeric))}
 
 
@@ -208,6 +252,7 @@ def evaluate(
     report = {
         "dataset": config.dataset,
         "pro_mode": config.pro_mode,
+        "metrics_mode": "exact" if config.metrics == "exact" else "streaming (binned, approximate)",
         "config": config_lib.to_dict(config),
         "head": "zero-shot" if model.head_config is None else dataclasses.asdict(model.head_config),
         "checkpoint_step": model.checkpoint_step,

@@ -85,6 +85,19 @@ def test_no_umci_needs_no_checkpoint_and_still_refines(tiny_clip_dir, synthetic_
     assert "final" in report and 0.0 <= report["rough"]["mean"]["pixel_auroc"] <= 1.0
 
 
+def test_streaming_metrics_approximate_exact_ones(synthetic_data, trained_head, tmp_path):
+    extra = ("--sam", "tiny-random", "--classes", "cashew", "--panels", "0")
+    exact = eval_main(eval_args(synthetic_data, trained_head, tmp_path / "exact", *extra))
+    streaming = eval_main(eval_args(synthetic_data, trained_head, tmp_path / "stream", *extra,
+                                    "--metrics", "streaming"))  # fmt: skip
+    assert streaming["metrics_mode"].startswith("streaming") and exact["metrics_mode"] == "exact"
+    for stage in ("rough", "final"):
+        ours, reference = streaming[stage]["classes"]["cashew"], exact[stage]["classes"]["cashew"]
+        assert ours["exact"] is False
+        for key in PRO_KEYS:
+            assert ours[key] == pytest.approx(reference[key], abs=2e-3), (stage, key)
+
+
 def test_rerun_reuses_finished_classes(synthetic_data, trained_head, tmp_path, monkeypatch):
     args = eval_args(synthetic_data, trained_head, tmp_path, "--sam", "none", "--panels", "0",
                      "--classes", "candle,cashew")  # fmt: skip

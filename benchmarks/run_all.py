@@ -1,0 +1,534 @@
+"""All stages of ClipSAM, timed in one run, against the PyTorch reference path.
+
+    python benchmarks/run_all.py            # full size: ViT-L/14-336 at S=518, SAM ViT-H
+    python benchmarks/run_all.py --quick    # tiny models, checks the script in a minute
+
+Full size uses RANDOM weights (a ViT-L/14-336 CLIP directory written by
+`clipsam_jax.clip.random_init.write_random_clip`, a random UMCI head, a randomly initialized SAM
+ViT-H) on generated VisA-layout images: timings, memory and MFU only, no accuracy. Sections run in
+order of importance, each guarded (an error is recorded and the run goes on) and the JSON is
+rewritten after each, so a run stopped by a time limit keeps what it measured. `--budget` skips
+the sections that would start after that many seconds.
+
+Reported: images/s of each stage and end to end, the JAX path against transformers' PyTorch CLIP +
+the PyTorch UMCI twin + stock `SamPredictor` use (one box at a time), the MFU of both encoders
+against the datasheet bf16 dense peak and a measured matmul peak, peak host and device memory, the
+bf16-vs-fp32 change of the rough map, and one epoch of `train.main` at full size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+common.setup_path()
+
+DATASHEET_BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16, NVIDIA datasheets (SXM)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
+    parser.add_argument("--images", type=int, default=64, help="evaluation images")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=518)
+    parser.add_argument("--train-images-per-class", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds; later sections skip")
+    parser.add_argument("--workdir", default="/tmp/clipsam_bench")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default results/run_all_<device>.json)"
+    )
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip")
+    return parser.parse_args(argv)
+
+
+class Run:
+    """Collects results section by section and rewrites the JSON after each."""
+
+    def __init__(self, args, out: Path):
+        self.args, self.out, self.start = args, out, time.perf_counter()
+        self.report = {"benchmark": "run_all", "date": common.now(), "sections": {},
+                       "errors": {}, "skipped": []}  # fmt: skip
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        if name in self.args.skip.split(",") or self.elapsed() > self.args.budget:
+            self.report["skipped"].append(name)
+            print(f"== {name}: skipped", flush=True)
+            yield None
+            return
+        print(f"== {name} (t={self.elapsed():.0f}s)", flush=True)
+        values: dict = {}
+        began = time.perf_counter()
+        try:
+            yield values
+        except Exception as error:  # record and go on: one broken section must not cost the rest
+            self.report["errors"][name] = "".join(traceback.format_exception(error))[-4000:]
+            print(f"!! {name} failed: {error!r}", flush=True)
+        values["section_seconds"] = round(time.perf_counter() - began, 2)
+        self.report["sections"][name] = values
+        self.report["elapsed_seconds"] = round(self.elapsed(), 1)
+        common.write_json(self.out, self.report)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def sync_torch():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def best_of(fn, repeats: int, warmup: int = 1) -> dict:
+    """Median and min wall seconds of a blocking callable (after `warmup` untimed calls)."""
+    for _ in range(warmup):
+        fn()
+    walls = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - began)
+    return {"seconds_median": statistics.median(walls), "seconds_min": min(walls)}
+
+
+def jax_matmul_peak(on_gpu: bool) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    n = 8192 if on_gpu else 1024
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    timing = best_of(lambda: mm(a, b).block_until_ready(), 10, warmup=2)
+    return 2 * n**3 / timing["seconds_min"]
+
+
+def torch_matmul_peak(device) -> float:
+    import torch
+
+    on_gpu = device.type == "cuda"
+    n = 8192 if on_gpu else 1024
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+
+    def run():
+        a @ b
+        sync_torch()
+
+    return 2 * n**3 / best_of(run, 10, warmup=2)["seconds_min"]
+
+
+def device_peak_bytes() -> dict:
+    import jax
+
+    out = {}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["jax_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            out["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+# ------------------------------------------------------------------------------- sections
+
+
+def setup(run: Run, values: dict, state: dict) -> None:
+    """Random full-size CLIP dir (or the tiny one), generated images, models."""
+    import jax
+    import numpy as np
+
+    from clipsam_jax.clip.loading import load_clip
+    from clipsam_jax.clip.prompts import TextFeatures
+    from clipsam_jax.config import HeadConfig
+    from clipsam_jax.data import synthetic
+    from clipsam_jax.data.registry import load_dataset
+    from clipsam_jax.models.heads import build_head
+    from clipsam_jax.models.init import init_params
+
+    args, work = run.args, Path(run.args.workdir)
+    clip_dir = work / ("tiny_clip" if args.quick else "random_vit_l14_336")
+    began = time.perf_counter()
+    if not (clip_dir / "config.json").is_file():
+        if args.quick:
+            from clipsam_jax.clip.tiny import write_tiny_clip
+
+            write_tiny_clip(clip_dir)
+        else:
+            from clipsam_jax.clip.random_init import write_random_clip
+
+            write_random_clip(clip_dir)
+    values["write_clip_seconds"] = time.perf_counter() - began
+    per_class = max(1, args.images // 6)  # 3 classes × (normal + anomalous)
+    size = 128 if args.quick else 768
+    data = work / "visa"
+    if not data.is_dir():
+        synthetic.generate("visa", data, seed=0, images_per_class=per_class, image_size=size)
+    samples = [s for items in load_dataset("visa", data).values() for s in items]
+    values.update(images=len(samples), generated_image_size=size, clip_dir=str(clip_dir))
+    dtype = "bfloat16" if state["on_gpu"] else "float32"
+    began = time.perf_counter()
+    clip = load_clip(str(clip_dir), args.image_size, dtype=dtype, cache_dir=str(work / "cache"))
+    values["load_clip_seconds"] = time.perf_counter() - began
+    head_config = HeadConfig(hidden_dim=16, pool_sizes=(2, 4)) if args.quick else HeadConfig()
+    grid = clip.grid
+    head_params = init_params(build_head(head_config, clip.text_dim), 0,
+                              [(1, grid, grid, clip.feature_dim)] * 4, (1, 2, clip.text_dim))  # fmt: skip
+    began = time.perf_counter()
+    text = TextFeatures(clip, cache_dir=str(work / "cache"))
+    text.batch(sorted({s.class_name for s in samples}))
+    values["text_features_seconds"] = time.perf_counter() - began
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32)
+    state.update(clip=clip, text=text, head_config=head_config, head_params=head_params,
+                 samples=samples, data=data, pixels=pixels, clip_dir=clip_dir)  # fmt: skip
+    values["clip_dtype"] = dtype
+    values["backend"] = jax.default_backend()
+
+
+def clip_stage(run: Run, values: dict, state: dict) -> None:
+    """The jitted JAX encoder alone: images/s, FLOPs per image (XLA cost analysis), MFU."""
+    import jax
+
+    from clipsam_jax.clip.features import make_image_encoder
+
+    clip, pixels = state["clip"], state["pixels"]
+    encoder = make_image_encoder(clip)
+    began = time.perf_counter()
+    compiled = encoder.lower(clip.params, pixels).compile()
+    values["compile_seconds"] = time.perf_counter() - began
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) / pixels.shape[0]
+    timing = best_of(lambda: jax.block_until_ready(encoder(clip.params, pixels)), run.args.repeats)
+    images_per_second = pixels.shape[0] / timing["seconds_median"]
+    values.update(timing, images_per_second=images_per_second, flops_per_image=flops,
+                  batch=pixels.shape[0], dtype=jax.numpy.dtype(clip.module.dtype).name)  # fmt: skip
+    achieved = flops * images_per_second
+    values["achieved_tflops"] = achieved / 1e12
+    values.update(_mfu(achieved, state))
+    state["clip_images_per_second"] = images_per_second
+
+
+def _mfu(achieved: float, state: dict) -> dict:
+    out = {}
+    if state.get("datasheet_peak"):
+        out["mfu_vs_datasheet"] = achieved / state["datasheet_peak"]
+    if state.get("measured_peak"):
+        out["mfu_vs_measured_matmul"] = achieved / state["measured_peak"]
+    return out
+
+
+def rough_model(run: Run, values: dict, state: dict) -> None:
+    """CLIP + head → rough maps, one jitted function (the evaluation path): images/s."""
+    import numpy as np
+
+    from clipsam_jax.inference import RoughMapModel
+
+    model = RoughMapModel(state["clip"], state["text"], state["head_config"],
+                          state["head_params"], batch_size=run.args.batch)  # fmt: skip
+    pixels = state["pixels"]
+    names = ["candle"] * len(pixels)
+    began = time.perf_counter()
+    maps = model(pixels, names)
+    values["compile_seconds"] = time.perf_counter() - began
+    timing = best_of(lambda: model(pixels, names), run.args.repeats)
+    values.update(timing, images_per_second=len(pixels) / timing["seconds_median"])
+    values["head_seconds_per_image_estimate"] = max(
+        timing["seconds_median"] / len(pixels) - 1 / state.get("clip_images_per_second", np.inf), 0
+    )
+    state.update(model=model, rough_maps=maps)
+
+
+def end_to_end(run: Run, values: dict, state: dict) -> None:
+    """`evaluate` on the generated set: data → CLIP+UMCI → MMR with SAM → metrics."""
+    import numpy as np
+    import torch
+
+    from clipsam_jax.config import EvalConfig, RefineConfig
+    from clipsam_jax.eval_lib import evaluate
+    from clipsam_jax.refine.sam import SamRefiner, build_sam
+
+    args, on_gpu = run.args, state["on_gpu"]
+    variant = "tiny-random" if args.quick else "vit_h"
+    if variant == "vit_h":
+        from segment_anything import sam_model_registry
+
+        with torch.device("cuda" if on_gpu else "cpu"):  # random init: timings only
+            sam = sam_model_registry["vit_h"]().eval()
+    else:
+        sam = build_sam("tiny-random")
+    sam_dtype = "bf16" if on_gpu else None
+    refiner = SamRefiner(sam, autocast=sam_dtype, max_images_per_call=8)
+    state["sam"], state["refiner"] = sam, refiner
+    # Rough maps of a random head sit near 0.5: a threshold at their median gives SAM a
+    # realistic number of boxes (no trained head's maps are available here).
+    threshold = float(np.median(state["rough_maps"]))
+    values["threshold_used"] = threshold
+    refine = RefineConfig(sam=variant, sam_dtype=sam_dtype or "fp32", threshold=threshold)
+    for attempt in ("warm", "timed"):  # the first pass compiles; the second is measured
+        refiner.reset_timers()
+        config = EvalConfig(dataset="visa", data_root=str(state["data"]),
+                            output=str(Path(args.workdir) / f"results_{attempt}"),
+                            batch_size=args.batch, visualize_per_class=0, refine=refine)  # fmt: skip
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        evaluate(config, progress=False, model=state["model"], refiner=refiner)
+        seconds = time.perf_counter() - began
+    count = len(state["samples"])
+    values.update(seconds=seconds, images=count, images_per_second=count / seconds,
+                  sam_variant=variant, sam_dtype=sam_dtype or "fp32",
+                  sam_preprocess_seconds=refiner.preprocess_seconds,
+                  sam_encoder_seconds=refiner.encoder_seconds,
+                  sam_decoder_seconds=refiner.decoder_seconds,
+                  sam_images_encoded=refiner.images_encoded,
+                  sam_boxes_decoded=refiner.boxes_decoded)  # fmt: skip
+    if refiner.images_encoded:
+        sam_rate = refiner.images_encoded / max(refiner.encoder_seconds, 1e-9)
+        values["sam_encoder_images_per_second"] = sam_rate
+        flops = _sam_encoder_flops(sam)
+        values["sam_encoder_flops_per_image"] = flops
+        values.update({f"sam_{k}": v for k, v in _mfu(flops * sam_rate, state).items()})
+
+
+def _sam_encoder_flops(sam) -> float:
+    """FLOPs of one SAM image-encoder forward (torch's FLOP counter on a 1-image batch)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = sam.image_encoder.img_size
+    device = next(sam.parameters()).device
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        sam.image_encoder(torch.zeros(1, 3, size, size, device=device))
+    return float(counter.get_total_flops())
+
+
+def stage_costs(run: Run, values: dict, state: dict) -> None:
+    """Prompts, fusion (numpy) and metrics per image/class on the rough maps just computed."""
+    import numpy as np
+
+    from clipsam_jax.config import RefineConfig
+    from clipsam_jax.metrics import compute_metrics
+    from clipsam_jax.refine.fusion import fuse
+    from clipsam_jax.refine.prompts import extract_prompts
+
+    maps = state["rough_maps"]
+    config = RefineConfig(threshold=float(np.median(maps)))
+    rng = np.random.default_rng(0)
+    began = time.perf_counter()
+    prompts = [extract_prompts(m, config.threshold, 5, (1000, 1500), rng) for m in maps]
+    values["prompts_seconds_per_image"] = (time.perf_counter() - began) / len(maps)
+    size = maps.shape[-1]
+    masks = np.zeros((4, 3, 1000, 1500), bool)
+    masks[:, :, 200:400, 300:700] = True
+    began = time.perf_counter()
+    for m in maps:
+        fuse(m, masks, np.full((4, 3), 0.9, np.float32))
+    values["fusion_seconds_per_image_4_boxes"] = (time.perf_counter() - began) / len(maps)
+    values["boxes_per_image"] = float(np.mean([p.num_boxes for p in prompts]))
+    # Metrics of a VisA-sized class (200 maps at S×S).
+    rep = np.concatenate([maps] * (200 // len(maps) + 1))[:200].astype(np.float16)
+    gt = np.zeros(rep.shape, bool)
+    gt[:100, size // 3 : size // 2, size // 3 : size // 2] = True
+    began = time.perf_counter()
+    compute_metrics(rep, gt)
+    values["metrics_seconds_per_200_image_class"] = time.perf_counter() - began
+
+
+def torch_reference(run: Run, values: dict, state: dict) -> None:
+    """transformers' PyTorch CLIP + the PyTorch UMCI twin + stock SamPredictor use."""
+    import jax
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPModel
+
+    from clipsam_jax import torch_ref
+    from clipsam_jax.clip.weights import flax_to_torch
+    from conversion.head_params import flax_to_torch as head_to_torch
+
+    clip, on_gpu = state["clip"], state["on_gpu"]
+    device = torch.device("cuda" if on_gpu else "cpu")
+    with device:  # build on the device: a CPU init of ViT-L's weights alone takes many seconds
+        model = CLIPModel(clip.config)
+        hc = state["head_config"]
+        twin = torch_ref.UMCIHead(4, feature_dim=clip.feature_dim, text_dim=clip.text_dim,
+                                  hidden_dim=hc.hidden_dim, pool_sizes=hc.pool_sizes)  # fmt: skip
+    host_params = jax.device_get(clip.params)
+    weights = {k: torch.from_numpy(np.array(v)) for k, v in flax_to_torch(host_params).items()}
+    model.load_state_dict(weights, strict=False)
+    model = model.eval()
+    twin.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in head_to_torch(state["head_params"]).items()}
+    )
+    twin = twin.eval()
+    pixels = torch.from_numpy(state["pixels"].transpose(0, 3, 1, 2).copy()).to(device)
+    text = torch.from_numpy(state["text"].batch(["candle"] * len(pixels))).to(device)
+    grid, layers = clip.grid, clip.feature_layers
+
+    def forward():
+        with torch.inference_mode():
+            out = model.vision_model(pixel_values=pixels, output_hidden_states=True)
+            tokens = [
+                out.hidden_states[k][:, 1:].reshape(len(pixels), grid, grid, -1) for k in layers
+            ]
+            maps = torch_ref.rough_map(twin(tokens, text), clip.image_size)
+            sync_torch()
+            return maps
+
+    for precision in ("fp32", "bf16_autocast") if on_gpu else ("fp32",):
+        context = (torch.autocast("cuda", torch.bfloat16) if precision != "fp32"
+                   else contextlib.nullcontext())  # fmt: skip
+        with context:
+            timing = best_of(forward, run.args.repeats)
+        values[f"clip_head_{precision}"] = {**timing, "images_per_second":
+                                            len(pixels) / timing["seconds_median"]}  # fmt: skip
+    # Stock SamPredictor use: one image at a time, one box per call.
+    if "sam" in state:
+        from segment_anything import SamPredictor
+
+        predictor = SamPredictor(state["sam"])
+        images = [np.asarray(Image.open(s.image_path).convert("RGB")) for s in state["samples"][:8]]
+        boxes = np.array([[100, 100, 300, 260], [400, 200, 600, 500], [50, 400, 250, 600]], float)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            for image in images:
+                predictor.set_image(image)
+                for box in boxes:
+                    predictor.predict(box=box, multimask_output=True)
+        sync_torch()
+        seconds = (time.perf_counter() - began) / len(images)
+        values["sam_stock_seconds_per_image_3_boxes_fp32"] = seconds
+    jax_rate = state.get("rough_images_per_second")
+    if jax_rate:
+        values["jax_over_torch_fp32_clip_head_speedup"] = (
+            jax_rate / values["clip_head_fp32"]["images_per_second"]
+        )
+
+
+def bf16_effect(run: Run, values: dict, state: dict) -> None:
+    """max |O_bf16 - O_fp32| of the rough maps of one batch (same params)."""
+    import numpy as np
+
+    from clipsam_jax.clip.loading import load_clip
+    from clipsam_jax.inference import RoughMapModel
+
+    clip32 = load_clip(str(state["clip_dir"]), run.args.image_size, dtype="float32",
+                       cache_dir=str(Path(run.args.workdir) / "cache"))  # fmt: skip
+    model = RoughMapModel(clip32, state["text"], state["head_config"], state["head_params"],
+                          batch_size=run.args.batch)  # fmt: skip
+    maps32 = model(state["pixels"], ["candle"] * len(state["pixels"]))
+    diff = np.abs(maps32 - state["rough_maps"])
+    values.update(max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
+                  dtypes=["float32", str(np.dtype(state["clip"].module.dtype))])  # fmt: skip
+
+
+def train_epoch(run: Run, values: dict, state: dict) -> None:
+    """One epoch of `python -m train.main` at full size on generated MVTec-layout data."""
+    import json
+
+    from clipsam_jax.data import synthetic
+    from train.main import main as train_main
+
+    work = Path(run.args.workdir)
+    data = work / "mvtec"
+    if not data.is_dir():
+        synthetic.generate("mvtec", data, seed=0,
+                           images_per_class=run.args.train_images_per_class, image_size=512)  # fmt: skip
+    workdir = work / "run_mvtec"
+    extra = ["--hidden-dim", "16", "--pool-sizes", "2,4"] if run.args.quick else []
+    began = time.perf_counter()
+    summary = train_main([
+        "--train", "mvtec", "--data-root", str(data), "--workdir", str(workdir), "--clip",
+        str(state["clip_dir"]), "--image-size", str(run.args.image_size), "--epochs", "1",
+        "--batch-size", str(run.args.batch), "--cache-dir", str(work / "cache"),
+        "--no-progress", *extra,
+    ])  # fmt: skip
+    values["seconds"] = time.perf_counter() - began
+    log = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+    rates = [e["images_per_second"] for e in log[1:]]
+    values.update(steps=summary.step, train_images_per_second_median=statistics.median(rates)
+                  if rates else None, last_loss=summary.last_loss)  # fmt: skip
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX and torch share the GPU
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(args.workdir) / "jax_cache"))
+    on_gpu = jax.default_backend() == "gpu"
+    device = jax.devices()[0]
+    name = "gpu" if on_gpu else "cpu"
+    out = (
+        Path(args.out)
+        if args.out
+        else common.RESULTS / f"run_all_{name}{'_quick' if args.quick else ''}.json"
+    )
+    run = Run(args, out)
+    state = {"on_gpu": on_gpu}
+    if args.quick:
+        args.image_size, args.images, args.repeats = 112, 12, 2
+    with run.section("environment") as values:
+        if values is not None:
+            values.update(common.machine_info(), device=str(device),
+                          device_kind=getattr(device, "device_kind", "cpu"), args=vars(args),
+                          note="random weights and generated images: timings only")  # fmt: skip
+            kind = values["device_kind"]
+            state["datasheet_peak"] = next(
+                (v for k, v in DATASHEET_BF16_PEAK.items() if k in kind), None
+            )
+            values["datasheet_bf16_peak_tflops"] = (state["datasheet_peak"] or 0) / 1e12 or None
+    with run.section("matmul_peak") as values:
+        if values is not None:
+            values["jax_tflops"] = jax_matmul_peak(on_gpu) / 1e12
+            import torch
+
+            values["torch_tflops"] = (
+                torch_matmul_peak(torch.device("cuda" if on_gpu else "cpu")) / 1e12
+            )
+            state["measured_peak"] = max(values["jax_tflops"], values["torch_tflops"]) * 1e12
+            values["dtype"] = "bfloat16" if on_gpu else "float32"
+    sections = [("setup", setup), ("clip_encoder", clip_stage), ("rough_model", rough_model),
+                ("end_to_end", end_to_end), ("stage_costs", stage_costs),
+                ("torch_reference", torch_reference), ("bf16_effect", bf16_effect),
+                ("train_epoch", train_epoch)]  # fmt: skip
+    for name, fn in sections:
+        if name != "setup" and "clip" not in state:
+            run.report["skipped"].append(name)
+            continue
+        with run.section(name) as values:
+            if values is not None:
+                fn(run, values, state)
+                if name == "rough_model":
+                    state["rough_images_per_second"] = values["images_per_second"]
+    with run.section("memory") as values:
+        if values is not None:
+            values.update(host_peak_rss_gib=common.ru_maxrss_kib() / 2**20, **device_peak_bytes())
+    summary = {k: run.report["sections"].get(k, {}).get("images_per_second")
+               for k in ("clip_encoder", "rough_model", "end_to_end")}  # fmt: skip
+    print("summary images/s:", summary, "errors:", list(run.report["errors"]))
+
+
+if __name__ == "__main__":
+    main()

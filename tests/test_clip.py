@@ -265,3 +265,14 @@ def test_config_file_model_type_checked(tiny_clip_dir, tmp_path):
     (target / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="model_type is not 'clip'"):
         load_clip(str(target))
+
+
+def test_fused_attention_matches_reference(tiny_clip_dir):
+    """The jax.nn.dot_product_attention path computes the same features as transformers'."""
+    clip = load_clip(str(tiny_clip_dir), image_size=112, dtype="float32")
+    pixels = np.random.default_rng(3).normal(size=(2, 112, 112, 3)).astype(np.float32)
+    reference = make_image_encoder(clip, fused_attention=False)(clip.params, pixels)
+    fused = make_image_encoder(clip, fused_attention=True)(clip.params, pixels)
+    for a, b in zip(fused.patch_tokens, reference.patch_tokens):
+        assert relative_error(a, b) < 1e-5
+    assert relative_error(fused.image_embeds, reference.image_embeds) < 1e-5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -19,8 +20,36 @@ class ImageFeatures(NamedTuple):
     image_embeds: jax.Array
 
 
-def vision_forward(module, pixels: jax.Array, layers: tuple[int, ...]) -> ImageFeatures:
+def _fused_attention(next_fun, args, kwargs, context):
+    """Flax method interceptor: transformers' unmasked (vision) CLIP attention computed by
+    `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs in bf16/fp16, XLA elsewhere)
+    instead of materializing the (B, heads, T, T) weights. Same params, same function."""
+    module = context.module
+    if context.method_name != "__call__" or type(module).__name__ != "FlaxCLIPAttention":
+        return next_fun(*args, **kwargs)
+    hidden = args[0] if args else kwargs["hidden_states"]
+    mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+    if module.causal or mask is not None or kwargs.get("output_attentions"):
+        return next_fun(*args, **kwargs)  # the text tower keeps the reference path
+    q, k, v = (
+        module._split_heads(proj(hidden)) for proj in (module.q_proj, module.k_proj, module.v_proj)
+    )
+    out = jax.nn.dot_product_attention(q, k, v, scale=module.scale)  # (B, T, heads, head_dim)
+    return (module.out_proj(module._merge_heads(out)),)
+
+
+def use_fused_attention(fused: bool | None) -> bool:
+    """None → fused on accelerators (where cuDNN's kernel is the point), reference on CPU."""
+    return jax.default_backend() != "cpu" if fused is None else fused
+
+
+def vision_forward(
+    module, pixels: jax.Array, layers: tuple[int, ...], fused_attention: bool = False
+) -> ImageFeatures:
     """Run inside `module.apply`: pixels (B, S, S, 3) normalized → `ImageFeatures`."""
+    if fused_attention:
+        with nn.intercept_methods(_fused_attention):
+            return vision_forward(module, pixels, layers)
     out = module.vision_model(pixels, deterministic=True, output_hidden_states=True)
     batch, grid = pixels.shape[0], pixels.shape[1] // module.config.vision_config.patch_size
     # hidden_states[0] is the embedding (after pre-layernorm); [k] the output of layer k.
@@ -28,15 +57,19 @@ def vision_forward(module, pixels: jax.Array, layers: tuple[int, ...]) -> ImageF
     return ImageFeatures(tokens, module.visual_projection(out.pooler_output))
 
 
-def make_image_encoder(clip: ClipModel):
-    """A jitted `fn(params, pixels (B, S, S, 3) float32) -> ImageFeatures` for this CLIP."""
-    layers = clip.feature_layers
+def make_image_encoder(clip: ClipModel, fused_attention: bool | None = None):
+    """A jitted `fn(params, pixels (B, S, S, 3) float32) -> ImageFeatures` for this CLIP.
+
+    fused_attention: see `use_fused_attention` (default: fused on accelerators).
+    """
+    layers, fused = clip.feature_layers, use_fused_attention(fused_attention)
 
     @jax.jit
     def encode(params, pixels):
         return clip.module.apply(
-            {"params": params}, pixels.astype(clip.module.dtype), layers, method=vision_forward
-        )
+            {"params": params}, pixels.astype(clip.module.dtype), layers, fused,
+            method=vision_forward,
+        )  # fmt: skip
 
     return encode
 

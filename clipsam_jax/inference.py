@@ -42,7 +42,7 @@ class RoughMapModel:
     clip_config: ClipConfig | None = None  # the settings `clip` was loaded with
     checkpoint_step: int | None = None
     mesh: Mesh | None = None  # data-parallel devices; default: every device
-    fused_attention: bool | None = None  # None: fused on accelerators (see clip.features)
+    fused_attention: bool | None = None  # see clip.features.use_fused_attention
 
     def __post_init__(self):
         self.mesh = self.mesh or data_mesh()

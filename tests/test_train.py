@@ -200,3 +200,44 @@ def test_feature_cache_reused_and_no_cache_mode_matches(tiny_clip_dir, synthetic
     # The cache stores float16: the same run without it differs only by that rounding.
     for a, b in zip(final_params(tmp_path / "cached"), final_params(tmp_path / "uncached")):
         np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+@pytest.mark.slow  # a second interpreter (~1-2 min); the crash test above covers the logic
+def test_kill9_mid_run_resumes_to_the_uninterrupted_result(
+    tiny_clip_dir, synthetic_data, straight_run, tmp_path
+):
+    """A real `kill -9` of `python -m train.main` after its first checkpoint: rerunning the same
+    command resumes from that checkpoint and ends with the uninterrupted run's params."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    workdir = tmp_path / "killed"
+    args = ["--train", "mvtec", "--data-root", str(synthetic_data / "mvtec"), "--workdir",
+            str(workdir), "--clip", str(tiny_clip_dir), "--image-size", str(SIZE), "--dtype",
+            "float32", "--hidden-dim", "16", "--pool-sizes", "2,4", "--batch-size", "4",
+            "--epochs", "2", "--lr", "1e-3", "--max-steps", str(STEPS), "--checkpoint-every",
+            "3", "--feature-cache", str(tmp_path / "features"), "--no-progress"]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / ".pytest_cache" / "jax"),
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=root, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    log = workdir / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        steps = len(log.read_text().splitlines()) if log.is_file() else 0
+        if steps >= 7:  # checkpoint 3 (and maybe 6) written: kill mid-run, mid-epoch
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, child.stderr.read().decode()[-2000:]
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    summary = train_main(args)
+    assert summary.resumed_from in (3, 6) and summary.step == STEPS
+    for a, b in zip(final_params(straight_run), final_params(workdir)):
+        np.testing.assert_array_equal(a, b)

@@ -45,7 +45,6 @@ def write_random_clip(directory, seed: int = 0):
     from pathlib import Path
 
     from flax import serialization
-    from transformers import CLIPTokenizerFast
     from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
 
     from clipsam_jax.clip.loading import param_shapes
@@ -53,18 +52,14 @@ def write_random_clip(directory, seed: int = 0):
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_tokenizer(directory)
-    tokenizer = CLIPTokenizerFast(
-        vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt")
-    )
-    tokenizer.save_pretrained(str(directory))
+    tokenizer = write_tokenizer(directory)
     config = vit_l14_336_config()
     # The tiny tokenizer's ids fit the 49408-token table; its end-of-text id must be the one
     # the text tower pools at.
     config.text_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config.text_config.bos_token_id = tokenizer.convert_tokens_to_ids("<|startoftext|>")
     config.text_config.pad_token_id = config.text_config.eos_token_id
-    assert vocab_size <= config.text_config.vocab_size
+    assert len(tokenizer) <= config.text_config.vocab_size
     params = random_params(param_shapes(FlaxCLIPModule(config=config), 336), seed)
     config.save_pretrained(str(directory))
     (directory / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params))

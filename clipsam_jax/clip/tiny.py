@@ -97,11 +97,12 @@ def _learn_merges(words: Counter, count: int) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer(directory: Path, merges_count: int = 300) -> int:
-    """Write vocab.json + merges.txt (CLIP BPE format) learned on the prompt vocabulary.
+def write_tokenizer(directory: Path, merges_count: int = 300):
+    """Write a CLIP BPE tokenizer learned on the prompt vocabulary (vocab.json, merges.txt and
+    the Hugging Face tokenizer files) and return it; `<|endoftext|>` has the largest id, as in
+    OpenAI's CLIP."""
+    from transformers import CLIPTokenizerFast
 
-    Returns the vocabulary size; `<|endoftext|>` has the largest id, as in OpenAI's CLIP.
-    """
     corpus = []
     for template in TEMPLATE_SETS["aprilgan35"]:
         for state in NORMAL_STATES + ANOMALOUS_STATES:
@@ -115,7 +116,11 @@ def write_tokenizer(directory: Path, merges_count: int = 300) -> int:
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return len(vocab)
+    tokenizer = CLIPTokenizerFast(
+        vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt")
+    )
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
 
 
 def write_tiny_clip(
@@ -126,16 +131,9 @@ def write_tiny_clip(
     `weights="pytorch"` writes `model.safetensors` from transformers' PyTorch `CLIPModel` (the
     load path then converts and caches Flax params); `"flax"` writes `flax_model.msgpack`.
     """
-    from transformers import CLIPTokenizerFast
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_tokenizer(directory)
-    tokenizer = CLIPTokenizerFast(
-        vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt")
-    )
-    tokenizer.save_pretrained(str(directory))
-    config = tiny_clip_config(vocab_size)
+    config = tiny_clip_config(len(write_tokenizer(directory)))
     if weights == "pytorch":
         import torch
         from transformers import CLIPModel

@@ -50,15 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list")
     parser.add_argument("--attn-chunk", type=int, default=256, help="jax_chunked's query block")
     parser.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"))
-    parser.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
-    parser.add_argument("--xla-flags", default=None, help="appended to $XLA_FLAGS")
     parser.add_argument("--no-parts", dest="parts", action="store_false",
                         help="skip the per-layer part timings")  # fmt: skip
-    parser.add_argument("--append", action="store_true", help="merge cases into --out")
-    parser.add_argument("--tag", default="", help="suffix of the case keys (e.g. a flag run)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny CLIP (script check only)")
-    parser.add_argument("--out", type=Path, default=None)
+    common.add_run_flags(parser, "tiny CLIP (script check only)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes = "56" if args.sizes == "336,518" else args.sizes
@@ -452,22 +446,16 @@ def table_rows(cases: dict) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    flags = common.add_xla_flags(args.xla_flags)
-    common.setup_path()
-    import jax
+    flags = common.start_cpu_run(args.xla_flags, args.torch_threads)
     import torch
 
     from clipsam_jax.clip.loading import build_clip_model
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    jax.config.update("jax_platforms", "cpu")
     config = clip_config(args.quick)
     wall, _, params = common.timed(lambda: vision_params(config, args.seed))
     print(f"random params in {wall:.1f} s; xla flags {flags!r}; torch threads "
           f"{torch.get_num_threads()}", flush=True)  # fmt: skip
-    previous = common.read_json(args.out) if args.append else None
-    report = previous or {
+    report = common.open_report(args.out, args.append, {
         "benchmark": "CLIP image features (4 patch-token layers + projected embedding): jitted "
         "JAX vs Hugging Face PyTorch, float32, CPU",
         "note": f"{common.RANDOM_WEIGHTS_NOTE}. "
@@ -476,10 +464,7 @@ def main(argv=None) -> None:
         "processes' load in loadavg_*); ratio = JAX time / PyTorch time, median of per-round "
         "ratios. jax_headmajor / jax_chunked are candidate library changes demonstrated in "
         "this script (plain-JAX vision forward on the same params).",
-        "cases": {},
-    }
-    report["machine"] = common.machine_info()
-    report["date"] = common.now()
+    })  # fmt: skip
     report["settings"] = {
         "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup,
         "variants": args.variants, "torch_attn_implementation": args.torch_attn,

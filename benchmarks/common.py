@@ -51,6 +51,41 @@ def add_xla_flags(flags: str | None) -> str:
     return os.environ.get("XLA_FLAGS", "")
 
 
+def add_run_flags(parser, quick_help: str) -> None:
+    """The flags every CPU comparison script shares: threads, XLA flags, appending tagged cases
+    to an existing report, seed, the quick smoke mode and the output path."""
+    parser.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
+    parser.add_argument("--xla-flags", default=None, help="appended to $XLA_FLAGS")
+    parser.add_argument("--append", action="store_true", help="merge cases into --out")
+    parser.add_argument("--tag", default="", help="suffix of the case keys (e.g. a flag run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None)
+
+
+def start_cpu_run(xla_flags: str | None, torch_threads: int | None) -> str:
+    """Common start of the CPU benchmarks: XLA flags (before JAX starts), the repository on the
+    path, PyTorch's thread count, JAX on the CPU. Returns the XLA flags in effect."""
+    flags = add_xla_flags(xla_flags)
+    setup_path()
+    import jax
+    import torch
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    jax.config.update("jax_platforms", "cpu")
+    return flags
+
+
+def open_report(path: Path | None, append: bool, header: dict) -> dict:
+    """The report to fill: the one at `path` when appending (new cases join its own), else a
+    fresh one from `header` (benchmark, note); machine and date are set to this run's."""
+    report = (read_json(path) if append and path else None) or {**header, "cases": {}}
+    report["machine"] = machine_info()
+    report["date"] = now()
+    return report
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

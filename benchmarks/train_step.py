@@ -54,13 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="split one JAX step (+ --convs)")
     parser.add_argument("--convs", action="store_true", help="time one stage's convs alone")
     parser.add_argument("--profile-impl", default="matmul", choices=IMPLS)
-    parser.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
-    parser.add_argument("--xla-flags", default=None, help="appended to $XLA_FLAGS")
-    parser.add_argument("--append", action="store_true", help="merge results into --out")
-    parser.add_argument("--tag", default="", help="suffix of the case key (e.g. a second run)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (script check only)")
-    parser.add_argument("--out", type=Path, default=None)
+    common.add_run_flags(parser, "tiny sizes (script check only)")
     args = parser.parse_args(argv)
     dims = dict(QUICK if args.quick else FULL)
     if args.batch:
@@ -453,16 +447,10 @@ def table_rows(cases: dict) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    flags = common.add_xla_flags(args.xla_flags)
-    common.setup_path()
-    import jax
+    flags = common.start_cpu_run(args.xla_flags, args.torch_threads)
     import torch
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    jax.config.update("jax_platforms", "cpu")
-    previous = common.read_json(args.out) if args.append else None
-    report = previous or {
+    report = common.open_report(args.out, args.append, {
         "benchmark": "UMCI training step (forward, focal + dice at S×S, backward, AdamW): "
         "jitted JAX (3 conv formulations) vs the PyTorch twin, float32, CPU",
         "note": f"{common.RANDOM_WEIGHTS_NOTE}; random float16 features, random masks. "
@@ -471,10 +459,7 @@ def main(argv=None) -> None:
         "seconds) on a shared machine (other processes' load in loadavg_*); ratio = JAX time / "
         "PyTorch time, median of per-round ratios. memory_first_step_mib: peak RSS (VmHWM, "
         "reset before each variant) during its setup, compile and first step.",
-        "cases": {},
-    }
-    report["machine"] = common.machine_info()
-    report["date"] = common.now()
+    })  # fmt: skip
     report["settings"] = {
         **args.dims, "repeats": args.repeats, "warmup": args.warmup,
         "impls": args.impls, "torch_threads": torch.get_num_threads(), "xla_flags": flags,

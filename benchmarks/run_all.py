@@ -341,7 +341,7 @@ def end_to_end(run: Run, values: dict, state: dict) -> None:
         seconds = time.perf_counter() - began
     count = len(state["samples"])
     values.update(seconds=seconds, images=count, images_per_second=count / seconds,
-                  sam_variant=variant, sam_dtype=sam_dtype or "fp32",
+                  sam_variant=variant, sam_dtype=sam_dtype or "fp32", sam_attention=refiner.attention,
                   sam_preprocess_seconds=refiner.preprocess_seconds,
                   sam_encoder_seconds=refiner.encoder_seconds,
                   sam_decoder_seconds=refiner.decoder_seconds,
@@ -353,6 +353,20 @@ def end_to_end(run: Run, values: dict, state: dict) -> None:
         flops = _sam_encoder_flops(sam)
         values["sam_encoder_flops_per_image"] = flops
         values.update({f"sam_{k}": v for k, v in _mfu(flops * sam_rate, state).items()})
+
+
+def sam_attention_modes(run: Run, values: dict, state: dict) -> None:
+    """SAM's encoder with segment_anything's attention against the fused SDPA one (the library
+    default), same weights and batch; bf16 autocast on GPU. Skipped on CPU outside --quick
+    (ViT-H takes about a minute per image there: benchmarks/sam_attention.py measures ViT-B)."""
+    import torch
+    from sam_attention import time_attention_modes
+
+    if "sam" not in state or not (state["on_gpu"] or run.args.quick):
+        values["skipped"] = "needs the end_to_end section's SAM, on a GPU (or --quick)"
+        return
+    dtype = torch.bfloat16 if state["on_gpu"] else None
+    values.update(time_attention_modes(state["sam"], 4, run.args.repeats, dtype))
 
 
 def _sam_encoder_flops(sam) -> float:
@@ -554,7 +568,8 @@ def main(argv=None) -> None:
             state["measured_peak"] = max(values["jax_tflops"], values["torch_tflops"]) * 1e12
             values["dtype"] = "bfloat16" if on_gpu else "float32"
     sections = [("setup", setup), ("clip_encoder", clip_stage), ("rough_model", rough_model),
-                ("end_to_end", end_to_end), ("stage_costs", stage_costs),
+                ("end_to_end", end_to_end), ("sam_attention", sam_attention_modes),
+                ("stage_costs", stage_costs),
                 ("torch_reference", torch_reference), ("bf16_effect", bf16_effect),
                 ("train_epoch", train_epoch)]  # fmt: skip
     for name, fn in sections:

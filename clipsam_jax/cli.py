@@ -135,6 +135,12 @@ def add_refine_flags(parser: argparse.ArgumentParser) -> None:
         help="SAM autocast on CUDA (auto: bf16 where supported)",
     )
     add("--sam-images-per-call", type=int, default=4, help="images per SAM encoder call")
+    add(
+        "--sam-attention",
+        choices=("stock", "sdpa"),
+        default="sdpa",
+        help="SAM encoder attention: PyTorch's fused SDPA (default) or segment_anything's own",
+    )
     add("--threshold", type=float, default=0.47, help="binarization (Table 3)")
     add(
         "--connectivity",
@@ -167,6 +173,7 @@ def refine_config(args: argparse.Namespace) -> RefineConfig:
         multimask=not args.single_mask,
         sam_dtype=args.sam_dtype,
         sam_images_per_call=args.sam_images_per_call,
+        sam_attention=args.sam_attention,
     )
 
 

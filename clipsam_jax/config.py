@@ -102,6 +102,10 @@ class RefineConfig:
     # on CUDA (auto = bf16 where supported) is the fast path.
     sam_dtype: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"
     sam_images_per_call: int = 4  # images per batched SAM image-encoder call
+    # SAM encoder attention: "sdpa" = PyTorch's fused attention with the relative-position terms
+    # as its additive mask (same function; ViT-B's encoder 1.36x faster on CPU,
+    # benchmarks/sam_attention.py); "stock" = segment_anything's explicit attention matrix.
+    sam_attention: Literal["stock", "sdpa"] = "sdpa"
 
 
 @dataclass(frozen=True)

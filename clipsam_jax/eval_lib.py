@@ -57,7 +57,10 @@ def build_refiner(config: RefineConfig):
     from clipsam_jax.refine.sam import SamRefiner  # torch is imported only when SAM is used
 
     return SamRefiner.from_config(
-        config, autocast=config.sam_dtype, max_images_per_call=config.sam_images_per_call
+        config,
+        autocast=config.sam_dtype,
+        max_images_per_call=config.sam_images_per_call,
+        attention=config.sam_attention,
     )
 
 

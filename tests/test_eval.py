@@ -170,3 +170,19 @@ def test_demo_runs_and_labels_its_numbers(tmp_path, monkeypatch, capsys):
     assert "NOT ClipSAM results" in out and "| mean |" in out
     assert set(report["final"]["classes"]) == {"candle", "cashew", "pcb1"}
     assert (tmp_path / "demo" / "results" / "visa" / "metrics.json").is_file()
+
+
+def test_refine_flags_reach_the_config():
+    from eval.main import parse
+
+    default = cli.refine_config(parse(["--test", "visa"]))
+    assert (default.sam_attention, default.sam_dtype, default.sam_images_per_call) == (
+        "sdpa", "fp32", 4,
+    )  # fmt: skip
+    args = parse(["--test", "visa", "--sam-attention", "stock", "--sam-dtype", "bf16",
+                  "--sam-images-per-call", "2", "--single-mask", "--threshold", "0.3"])  # fmt: skip
+    config = cli.refine_config(args)
+    assert (config.sam_attention, config.sam_dtype, config.sam_images_per_call) == (
+        "stock", "bf16", 2,
+    )  # fmt: skip
+    assert config.multimask is False and config.threshold == 0.3

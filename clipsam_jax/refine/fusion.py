@@ -213,7 +213,8 @@ def mmr_batch(
     """`mmr` over a batch, with one refiner call for all images that have a component.
 
     Equal to `[mmr(o, im, refiner, config, g) for o, im, g in zip(roughs, images, rngs)]`:
-    each image draws its points from its own generator, so batching changes no prompt. A
+    each image draws its points from its own generator, so batching changes no prompt (the
+    masks are equal as far as the refiner's kernels are batch-invariant; see `SamRefiner`). A
     refiner with `refine_batch` (SamRefiner: one batched image-encoder pass) gets the images
     with boxes in one call; any other `MaskRefiner` is called image by image.
 

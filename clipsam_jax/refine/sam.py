@@ -1,7 +1,7 @@
 """SAM refiner (Sec. 3.3, Eq. 8; SPEC §4): registry, checkpoints, batched images and prompts.
 
-The only module of the library that imports torch and `segment_anything`; everything else
-imports without them.
+With `sam_attention`, the only modules of the library that import `segment_anything` at import
+time; the rest imports without torch (which only checkpoint conversion and `torch_ref` use).
 
 Checkpoint verification: the official file names carry a hash prefix (`sam_vit_h_4b8939.pth`),
 the publisher's only statement about the file's content. torch.hub's convention is to check
@@ -38,6 +38,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from clipsam_jax.config import RefineConfig
 from clipsam_jax.errors import CheckpointError, ConfigError
 from clipsam_jax.refine.prompts import Prompts
+from clipsam_jax.refine.sam_attention import SamAttention, set_sam_attention
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +385,11 @@ class SamRefiner:
         "auto" (bf16 on CUDA, fp32 on CPU). Masks and scores come back as bool / float32.
       max_images_per_call: images per encoder call, a memory bound: ViT-H's global-attention
         blocks hold a 16×4096×4096 attention matrix, about 1 GiB per image in fp32.
+      attention: the image encoder's attention, "sdpa" (default: PyTorch's fused attention,
+        see `sam_attention`) or "stock" (segment_anything's); set on `model` before each
+        encoder call. SDPA's kernels may round differently for different batch sizes, so
+        batched and one-by-one masks can differ in a rare pixel at the threshold; "stock"
+        gives identical ones.
 
     Attributes:
       preprocess_seconds, encoder_seconds, decoder_seconds: accumulated wall time of the
@@ -399,6 +405,7 @@ class SamRefiner:
         max_boxes_per_call: int | None = None,
         autocast: str | None = None,
         max_images_per_call: int = 4,
+        attention: SamAttention = "sdpa",
     ) -> None:
         if max_boxes_per_call is not None and max_boxes_per_call < 1:
             raise ConfigError(f"max_boxes_per_call must be >= 1, got {max_boxes_per_call}")
@@ -409,6 +416,8 @@ class SamRefiner:
         self.max_boxes_per_call = max_boxes_per_call
         self.max_images_per_call = max_images_per_call
         self.autocast = resolve_autocast(autocast, model.device)
+        self.attention = attention
+        set_sam_attention(model, attention)
         self.reset_timers()
 
     @classmethod
@@ -420,6 +429,7 @@ class SamRefiner:
         autocast: str | None = None,
         max_boxes_per_call: int | None = None,
         max_images_per_call: int = 4,
+        attention: SamAttention = "sdpa",
     ) -> SamRefiner:
         """Build SAM from `RefineConfig` (sam, sam_checkpoint, download_sam, device)."""
         if config.sam == "none":
@@ -427,7 +437,7 @@ class SamRefiner:
         model = build_sam(
             config.sam, config.sam_checkpoint, config.download_sam, config.device, cache_dir
         )
-        return cls(model, max_boxes_per_call, autocast, max_images_per_call)
+        return cls(model, max_boxes_per_call, autocast, max_images_per_call, attention)
 
     @property
     def device(self) -> torch.device:
@@ -521,6 +531,8 @@ class SamRefiner:
                 inputs.append(self.model.preprocess(x[None]))
             batch = torch.cat(inputs)
         with self._timed("encoder_seconds"):
+            # Set per call: other refiners may share this model with another attention.
+            set_sam_attention(self.model, self.attention)
             features = self.model.image_encoder(batch)
         self.images_encoded += len(images)
         return features, input_sizes

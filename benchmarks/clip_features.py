@@ -8,7 +8,9 @@ the projected image embedding, i.e. what the feature cache stores.
 
 Variants (timed interleaved, A B C A B C ..., medians; see common.py):
   jax            the library path: `clipsam_jax.clip.features.make_image_encoder` (HF FlaxCLIP
-                 vision tower with output_hidden_states=True, then the visual projection).
+                 vision tower with output_hidden_states=True, then the visual projection) with
+                 its default attention on this backend ("blocked" on CPU).
+  jax_reference  the same with transformers' own attention (`attention="reference"`).
   jax_headmajor  the same function in plain JAX on the same params, with attention computed in
                  the head-major layout (B, heads, N, d) before merging heads.
   jax_chunked    jax_headmajor with the attention computed in blocks of --attn-chunk query rows
@@ -38,7 +40,7 @@ from pathlib import Path
 import common
 
 DEFAULT_OUT = common.RESULTS / "clip_features_cpu.json"
-VARIANTS = ("jax", "jax_headmajor", "jax_chunked", "torch")
+VARIANTS = ("jax", "jax_reference", "jax_headmajor", "jax_chunked", "torch")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -250,6 +252,7 @@ def jax_variants(clip, pixels, names, chunk: int) -> tuple[dict, dict, dict]:
     vc, layers = clip.config.vision_config, clip.feature_layers
     jitted = {
         "jax": make_image_encoder(clip),
+        "jax_reference": make_image_encoder(clip, attention="reference"),
         "jax_headmajor": jax.jit(lambda p, x: plain_features(p, x, vc, layers)),
         "jax_chunked": jax.jit(lambda p, x: plain_features(p, x, vc, layers, chunk)),
     }
@@ -335,6 +338,8 @@ def bench_parts(clip, model, pixels_np, args) -> dict:
     import numpy as np
     from transformers.models.clip import modeling_flax_clip as hf
 
+    from clipsam_jax.clip.features import _blocked_core as blocked_core
+
     vc = clip.config.vision_config
     p = clip.params["vision_model"]["encoder"]["layers"]["0"]
     heads, eps, chunk = vc.num_attention_heads, vc.layer_norm_eps, args.attn_chunk
@@ -377,6 +382,7 @@ def bench_parts(clip, model, pixels_np, args) -> dict:
         "attention_core": ((q,), {
             "jax_hf": hf_core, "jax_headmajor": plain_core,
             "jax_chunked": lambda q: plain_core(q, chunk),
+            "jax_blocked": lambda q: blocked_core(q, q, q, depth**-0.5),
         }),
         "mlp": ((x,), {
             "jax_hf": lambda x: mlp.apply({"params": p["mlp"]}, x),
@@ -449,6 +455,7 @@ def main(argv=None) -> None:
     flags = common.start_cpu_run(args.xla_flags, args.torch_threads)
     import torch
 
+    from clipsam_jax.clip.features import resolve_attention
     from clipsam_jax.clip.loading import build_clip_model
 
     config = clip_config(args.quick)
@@ -471,6 +478,7 @@ def main(argv=None) -> None:
         "attn_chunk": args.attn_chunk,
         "torch_threads": torch.get_num_threads(), "xla_flags": flags,
         "feature_layers": "quarters of the depth (6, 12, 18, 24 for ViT-L)",
+        "library_attention": resolve_attention(None),
     }  # fmt: skip
     for size in args.sizes:
         clip = build_clip_model(config, params, None, size, dtype="float32")

@@ -58,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "so SAM gets a realistic few boxes per image",
     )
     parser.add_argument(
-        "--attention", default="reference,fused", help="encoder attention variants to time"
+        "--attention",
+        default="reference,fused,blocked",
+        help="encoder attention implementations to time (clip.features.resolve_attention)",
     )
     return parser.parse_args(argv)
 
@@ -232,7 +234,7 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
     import jax
     import numpy as np
 
-    from clipsam_jax.clip.features import make_image_encoder
+    from clipsam_jax.clip.features import make_image_encoder, resolve_attention
 
     clip = state["clip"]
     flops = vit_flops_per_image(clip.config, clip.image_size)
@@ -244,8 +246,8 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
     for batch in batches:
         pixels = np.random.default_rng(1).normal(
             size=(batch, clip.image_size, clip.image_size, 3)).astype(np.float32)  # fmt: skip
-        for fused in [name == "fused" for name in run.args.attention.split(",")]:
-            encoder = make_image_encoder(clip, fused_attention=fused)
+        for name in run.args.attention.split(","):
+            encoder = make_image_encoder(clip, attention=name)
             began = time.perf_counter()
             compiled = encoder.lower(clip.params, pixels).compile()
             compile_seconds = time.perf_counter() - began
@@ -257,8 +259,8 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
             entry = {**timing, "images_per_second": rate, "compile_seconds": compile_seconds,
                      "xla_cost_analysis_flops_per_image": float(cost.get("flops", 0.0)) / batch,
                      "achieved_tflops": flops * rate / 1e12, **_mfu(flops * rate, state)}  # fmt: skip
-            values[f"batch{batch}_{'fused' if fused else 'reference'}_attention"] = entry
-            if batch == run.args.batch and fused == (state["on_gpu"]):
+            values[f"batch{batch}_{name}_attention"] = entry
+            if batch == run.args.batch and name == resolve_attention(None):  # library default
                 state["clip_images_per_second"] = rate
             best = max(best, rate)
     values["images_per_second"] = best
@@ -277,6 +279,7 @@ def rough_model(run: Run, values: dict, state: dict) -> None:
     """CLIP + head → rough maps, one jitted function (the evaluation path): images/s."""
     import numpy as np
 
+    from clipsam_jax.clip.features import resolve_attention
     from clipsam_jax.inference import RoughMapModel
 
     model = RoughMapModel(state["clip"], state["text"], state["head_config"],
@@ -288,10 +291,10 @@ def rough_model(run: Run, values: dict, state: dict) -> None:
     values["compile_seconds"] = time.perf_counter() - began
     timing = best_of(lambda: model(pixels, names), run.args.repeats)
     values.update(timing, images_per_second=len(pixels) / timing["seconds_median"])
-    if state["on_gpu"]:  # the same model with transformers' own attention, for comparison
+    if resolve_attention(None) != "reference":  # the same model with transformers' attention
         reference = RoughMapModel(state["clip"], state["text"], state["head_config"],
                                   state["head_params"], batch_size=run.args.batch,
-                                  fused_attention=False)  # fmt: skip
+                                  attention="reference")  # fmt: skip
         reference(pixels, names)
         timed = best_of(lambda: reference(pixels, names), run.args.repeats)
         values["reference_attention_images_per_second"] = len(pixels) / timed["seconds_median"]

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from clipsam_jax import config as config_lib
 from clipsam_jax.checkpoint import load_head
-from clipsam_jax.clip.features import use_fused_attention, vision_forward
+from clipsam_jax.clip.features import AttentionImpl, resolve_attention, vision_forward
 from clipsam_jax.clip.loading import ClipModel, load_clip
 from clipsam_jax.clip.prompts import TextFeatures
 from clipsam_jax.config import ClipConfig, HeadConfig
@@ -42,7 +42,7 @@ class RoughMapModel:
     clip_config: ClipConfig | None = None  # the settings `clip` was loaded with
     checkpoint_step: int | None = None
     mesh: Mesh | None = None  # data-parallel devices; default: every device
-    fused_attention: bool | None = None  # see clip.features.use_fused_attention
+    attention: AttentionImpl | None = None  # see clip.features.resolve_attention
 
     def __post_init__(self):
         self.mesh = self.mesh or data_mesh()
@@ -58,11 +58,11 @@ class RoughMapModel:
             head = build_head(self.head_config, clip.text_dim, len(layers), clip.module.dtype)
 
         to_rough_map = head_rough_map(self.head_config)
-        fused = use_fused_attention(self.fused_attention)
+        attention = resolve_attention(self.attention)
 
         def forward(clip_params, head_params, pixels, text):
             features = clip.module.apply(
-                {"params": clip_params}, pixels.astype(clip.module.dtype), layers, fused,
+                {"params": clip_params}, pixels.astype(clip.module.dtype), layers, attention,
                 method=vision_forward,
             )  # fmt: skip
             if head is None:

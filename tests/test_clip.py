@@ -267,12 +267,30 @@ def test_config_file_model_type_checked(tiny_clip_dir, tmp_path):
         load_clip(str(target))
 
 
-def test_fused_attention_matches_reference(tiny_clip_dir):
-    """The jax.nn.dot_product_attention path computes the same features as transformers'."""
+@pytest.mark.parametrize("attention", ["fused", "blocked"])
+def test_attention_implementations_match_reference(tiny_clip_dir, attention, monkeypatch):
+    """jax.nn.dot_product_attention and the blocked per-head attention compute the same features
+    as transformers' attention. Blocks of 16 rows: 65 tokens give 4 full blocks and a ragged one."""
+    from clipsam_jax.clip import features
+
+    monkeypatch.setattr(features, "ATTENTION_BLOCK", 16)
+    calls, core = [], features._CORES[attention]
+    monkeypatch.setitem(features._CORES, attention, lambda *a: calls.append(1) or core(*a))
     clip = load_clip(str(tiny_clip_dir), image_size=112, dtype="float32")
     pixels = np.random.default_rng(3).normal(size=(2, 112, 112, 3)).astype(np.float32)
-    reference = make_image_encoder(clip, fused_attention=False)(clip.params, pixels)
-    fused = make_image_encoder(clip, fused_attention=True)(clip.params, pixels)
-    for a, b in zip(fused.patch_tokens, reference.patch_tokens):
+    reference = make_image_encoder(clip, attention="reference")(clip.params, pixels)
+    other = make_image_encoder(clip, attention=attention)(clip.params, pixels)
+    assert reference.patch_tokens[0].shape[1:3] == (8, 8)  # 64 patches + class token
+    for a, b in zip(other.patch_tokens, reference.patch_tokens):
         assert relative_error(a, b) < 1e-5
-    assert relative_error(fused.image_embeds, reference.image_embeds) < 1e-5
+    assert relative_error(other.image_embeds, reference.image_embeds) < 1e-5
+    assert len(calls) == clip.config.vision_config.num_hidden_layers  # every layer intercepted
+
+
+def test_attention_choice():
+    from clipsam_jax.clip.features import resolve_attention
+
+    assert resolve_attention(None) == resolve_attention("auto") == "blocked"  # CPU tests
+    assert resolve_attention("fused") == "fused"
+    with pytest.raises(ValueError, match="blocked"):
+        resolve_attention("flash")

@@ -314,7 +314,9 @@ def test_from_config_and_warning(caplog):
     with caplog.at_level(logging.WARNING):
         refiner = SamRefiner.from_config(RefineConfig(sam="tiny-random", device="cpu"))
     assert "RANDOM weights" in caplog.text and "meaningless" in caplog.text
-    assert refiner.device.type == "cpu"
+    assert refiner.device.type == "cpu" and refiner.attention == "sdpa"
+    stock = RefineConfig(sam="tiny-random", device="cpu", sam_attention="stock")
+    assert SamRefiner.from_config(stock).attention == "stock"
     with pytest.raises(ConfigError):
         SamRefiner.from_config(RefineConfig(sam="none"))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -20,37 +20,86 @@ class ImageFeatures(NamedTuple):
     image_embeds: jax.Array
 
 
-def _fused_attention(next_fun, args, kwargs, context):
-    """Flax method interceptor: transformers' unmasked (vision) CLIP attention computed by
-    `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs in bf16/fp16, XLA elsewhere)
-    instead of materializing the (B, heads, T, T) weights. Same params, same function."""
-    module = context.module
-    if context.method_name != "__call__" or type(module).__name__ != "FlaxCLIPAttention":
-        return next_fun(*args, **kwargs)
-    hidden = args[0] if args else kwargs["hidden_states"]
-    mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-    if module.causal or mask is not None or kwargs.get("output_attentions"):
-        return next_fun(*args, **kwargs)  # the text tower keeps the reference path
-    q, k, v = (
-        module._split_heads(proj(hidden)) for proj in (module.q_proj, module.k_proj, module.v_proj)
-    )
-    out = jax.nn.dot_product_attention(q, k, v, scale=module.scale)  # (B, T, heads, head_dim)
-    return (module.out_proj(module._merge_heads(out)),)
+AttentionImpl = Literal["auto", "reference", "fused", "blocked"]
+ATTENTION_IMPLS = ("auto", "reference", "fused", "blocked")
+ATTENTION_BLOCK = 512  # query rows per block of the "blocked" attention
 
 
-def use_fused_attention(fused: bool | None) -> bool:
-    """None → transformers' own attention. Measured on an H200 in bf16 (ViT-L/14 at S=518,
-    benchmarks/results/run_all_gpu.json) the fused path was not faster (176 vs 190 images/s at
-    batch 8), so it stays an option."""
-    return False if fused is None else fused
+def resolve_attention(attention: str | None) -> str:
+    """The vision tower's attention implementation; None and "auto" pick per backend.
+
+    - "reference": transformers' FlaxCLIPAttention (materializes the (B, heads, T, T) weights).
+      The GPU default: on an H200 in bf16 (ViT-L/14 at S=518) neither alternative was faster
+      (fused 176 vs 190 images/s at batch 8, benchmarks/results/run_all_h200_run2.json).
+    - "fused": `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs in bf16/fp16).
+    - "blocked": one head at a time, in blocks of `ATTENTION_BLOCK` query rows, so the scores
+      stay in cache. The CPU default: 3.2x faster attention core than "reference" at S=518
+      (benchmarks/clip_features.py, `parts`).
+    Same params and the same function for all three (fp32 rounding apart).
+    """
+    attention = "auto" if attention is None else attention
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+    if attention == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "reference"
+    return attention
+
+
+def _blocked_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """softmax(q kᵀ · scale) v, (B, T, heads, d) each → (B, T, heads, d), one head at a time
+    (`lax.map`) and `ATTENTION_BLOCK` query rows at a time: a block's scores (B, rows, T) fit in
+    cache, where the whole (B, heads, T, T) tensor would stream through memory."""
+    length = q.shape[1]
+
+    def one_head(qkv):
+        q_h, k_h, v_h = qkv  # (B, T, d)
+        blocks = []
+        for start in range(0, length, ATTENTION_BLOCK):
+            scores = jnp.einsum("bqd,bkd->bqk", q_h[:, start : start + ATTENTION_BLOCK], k_h)
+            weights = jax.nn.softmax(scores * scale, axis=-1)
+            blocks.append(jnp.einsum("bqk,bkd->bqd", weights, v_h))
+        return jnp.concatenate(blocks, axis=1)
+
+    heads_first = [x.transpose(2, 0, 1, 3) for x in (q, k, v)]  # (heads, B, T, d)
+    return jax.lax.map(one_head, tuple(heads_first)).transpose(1, 2, 0, 3)
+
+
+def _fused_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+
+
+def _attention_interceptor(core):
+    """A Flax method interceptor computing transformers' unmasked (vision) CLIP attention with
+    `core(q, k, v, scale)` on (B, T, heads, head_dim) arrays; same projections, same params."""
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or type(module).__name__ != "FlaxCLIPAttention":
+            return next_fun(*args, **kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        if module.causal or mask is not None or kwargs.get("output_attentions"):
+            return next_fun(*args, **kwargs)  # the text tower keeps the reference path
+        q, k, v = (
+            module._split_heads(proj(hidden))
+            for proj in (module.q_proj, module.k_proj, module.v_proj)
+        )
+        out = core(q, k, v, module.scale)
+        return (module.out_proj(module._merge_heads(out)),)
+
+    return intercept
+
+
+_CORES = {"fused": _fused_core, "blocked": _blocked_core}
 
 
 def vision_forward(
-    module, pixels: jax.Array, layers: tuple[int, ...], fused_attention: bool = False
+    module, pixels: jax.Array, layers: tuple[int, ...], attention: str = "reference"
 ) -> ImageFeatures:
-    """Run inside `module.apply`: pixels (B, S, S, 3) normalized → `ImageFeatures`."""
-    if fused_attention:
-        with nn.intercept_methods(_fused_attention):
+    """Run inside `module.apply`: pixels (B, S, S, 3) normalized → `ImageFeatures`.
+    `attention`: a resolved name ("reference", "fused" or "blocked"; see `resolve_attention`)."""
+    if attention in _CORES:
+        with nn.intercept_methods(_attention_interceptor(_CORES[attention])):
             return vision_forward(module, pixels, layers)
     out = module.vision_model(pixels, deterministic=True, output_hidden_states=True)
     batch, grid = pixels.shape[0], pixels.shape[1] // module.config.vision_config.patch_size
@@ -59,17 +108,17 @@ def vision_forward(
     return ImageFeatures(tokens, module.visual_projection(out.pooler_output))
 
 
-def make_image_encoder(clip: ClipModel, fused_attention: bool | None = None):
+def make_image_encoder(clip: ClipModel, attention: AttentionImpl | None = None):
     """A jitted `fn(params, pixels (B, S, S, 3) float32) -> ImageFeatures` for this CLIP.
 
-    fused_attention: see `use_fused_attention` (default: transformers' attention).
+    attention: see `resolve_attention` (default "auto": "blocked" on CPU, else "reference").
     """
-    layers, fused = clip.feature_layers, use_fused_attention(fused_attention)
+    layers, attention = clip.feature_layers, resolve_attention(attention)
 
     @jax.jit
     def encode(params, pixels):
         return clip.module.apply(
-            {"params": params}, pixels.astype(clip.module.dtype), layers, fused,
+            {"params": params}, pixels.astype(clip.module.dtype), layers, attention,
             method=vision_forward,
         )  # fmt: skip
 

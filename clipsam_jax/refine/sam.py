@@ -429,14 +429,16 @@ class SamRefiner:
         autocast: str | None = None,
         max_boxes_per_call: int | None = None,
         max_images_per_call: int = 4,
-        attention: SamAttention = "sdpa",
+        attention: SamAttention | None = None,
     ) -> SamRefiner:
-        """Build SAM from `RefineConfig` (sam, sam_checkpoint, download_sam, device)."""
+        """Build SAM from `RefineConfig` (sam, sam_checkpoint, download_sam, device,
+        sam_attention unless `attention` is given)."""
         if config.sam == "none":
             raise ConfigError("RefineConfig.sam is 'none': there is no SAM to build")
         model = build_sam(
             config.sam, config.sam_checkpoint, config.download_sam, config.device, cache_dir
         )
+        attention = attention or config.sam_attention
         return cls(model, max_boxes_per_call, autocast, max_images_per_call, attention)
 
     @property

@@ -33,7 +33,7 @@ def resolve_attention(attention: str | None) -> str:
       (fused 176 vs 190 images/s at batch 8, benchmarks/results/run_all_h200_run2.json).
     - "fused": `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs in bf16/fp16).
     - "blocked": one head at a time, in blocks of `ATTENTION_BLOCK` query rows, so the scores
-      stay in cache. The CPU default: 3.2x faster attention core than "reference" at S=518
+      stay in cache. The CPU default: 2.8x faster attention core than "reference" at S=518
       (benchmarks/clip_features.py, `parts`).
     Same params and the same function for all three (fp32 rounding apart).
     """

@@ -182,10 +182,16 @@ def add_dataset_flag(parser: argparse.ArgumentParser, name: str, help_text: str)
     parser.add_argument("--data-root", default=None, help="dataset folder (default data/<dataset>)")
 
 
-def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run an entry point: configure logging, turn `ClipSamError` into a message + status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
+def run(
+    main: Callable[[Sequence[str] | None], object],
+    argv: Sequence[str] | None = None,
+    configure_logging: bool = True,
+) -> int:
+    """Run an entry point: configure logging (unless told not to), turn `ClipSamError` into a
+    message + status 2 and Ctrl-C into status 130."""
+    if configure_logging:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
     try:
         main(argv)
     except ClipSamError as error:

@@ -36,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from clipsam_jax import cli
 from clipsam_jax.clip.loading import TOKENIZER_FILES, WEIGHT_FILES, param_shapes
 from clipsam_jax.clip.position import resize_position_embedding
 from clipsam_jax.clip.weights import flax_to_torch, read_state_dict, torch_to_flax
-from clipsam_jax.errors import CheckpointError, ClipSamError, ConfigError
+from clipsam_jax.errors import CheckpointError, ConfigError
 from conversion.openai_keys import (
     IGNORED_KEYS,
     ClipArch,
@@ -504,23 +505,23 @@ def _convert_file(args: argparse.Namespace) -> tuple[Any, dict, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for user errors)."""
+    return cli.run(_main, argv, configure_logging=False)
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = _parser().parse_args(argv)
     src = Path(args.src)
-    try:
-        if src.is_dir():
-            fallback = src if any((src / n).is_file() for n in TOKENIZER_FILES) else None
-            tokenizer = resolve_tokenizer_source(args.tokenizer, fallback)
-            if args.vision_heads or args.text_heads:
-                raise ConfigError("--vision-heads/--text-heads: a HF config.json sets them")
-            config, params = convert_hf_dir(
-                src, expect=args.expect, hidden_act=args.hidden_act, image_size=args.image_size
-            )
-        else:
-            config, params, tokenizer = _convert_file(args)
-        out = write_flax_clip_dir(config, params, tokenizer, args.out, args.format)
-    except ClipSamError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if src.is_dir():
+        fallback = src if any((src / n).is_file() for n in TOKENIZER_FILES) else None
+        tokenizer = resolve_tokenizer_source(args.tokenizer, fallback)
+        if args.vision_heads or args.text_heads:
+            raise ConfigError("--vision-heads/--text-heads: a HF config.json sets them")
+        config, params = convert_hf_dir(
+            src, expect=args.expect, hidden_act=args.hidden_act, image_size=args.image_size
+        )
+    else:
+        config, params, tokenizer = _convert_file(args)
+    out = write_flax_clip_dir(config, params, tokenizer, args.out, args.format)
     vision = config.vision_config
     print(
         f"wrote {out}: vision {vision.num_hidden_layers}×{vision.hidden_size} patch "
@@ -528,7 +529,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{config.text_config.num_hidden_layers}×{config.text_config.hidden_size}, "
         f"projection {config.projection_dim}, {args.format} weights"
     )
-    return 0
 
 
 if __name__ == "__main__":

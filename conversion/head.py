@@ -43,9 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from clipsam_jax import cli
 from clipsam_jax import config as config_lib
 from clipsam_jax.config import DEFAULT_CLIP, ClipConfig, HeadConfig, TrainConfig
-from clipsam_jax.errors import CheckpointError, ClipSamError, ConfigError
+from clipsam_jax.errors import CheckpointError, ConfigError
 from conversion.head_params import flax_to_torch, torch_to_flax
 
 FORMAT = "clipsam-jax-head"
@@ -564,38 +565,37 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for user errors)."""
+    return cli.run(_main, argv, configure_logging=False)
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "export":
-            state_path, json_path = export_head(args.checkpoint, args.out, args.step)
-            print(f"wrote {state_path} and {json_path}")
-        elif args.command == "import":
-            workdir = import_head(args.state_dict, args.config, args.workdir)
-            print(f"wrote {workdir}; evaluate with `python -m eval.main --checkpoint {workdir}`")
-        else:
-            workdir = import_aprilgan(
-                args.pth, args.workdir, args.clip, args.image_size, args.feature_layers,
-                args.trained_on,
-            )  # fmt: skip
-            trained_on = args.trained_on or _guess_dataset(Path(args.pth))
-            other = "mvtec" if trained_on == "visa" else "visa"  # the cross-dataset protocol
+    if args.command == "export":
+        state_path, json_path = export_head(args.checkpoint, args.out, args.step)
+        print(f"wrote {state_path} and {json_path}")
+    elif args.command == "import":
+        workdir = import_head(args.state_dict, args.config, args.workdir)
+        print(f"wrote {workdir}; evaluate with `python -m eval.main --checkpoint {workdir}`")
+    else:
+        workdir = import_aprilgan(
+            args.pth, args.workdir, args.clip, args.image_size, args.feature_layers,
+            args.trained_on,
+        )  # fmt: skip
+        trained_on = args.trained_on or _guess_dataset(Path(args.pth))
+        other = "mvtec" if trained_on == "visa" else "visa"  # the cross-dataset protocol
+        print(
+            f"wrote {workdir}: APRIL-GAN head (trained on {trained_on}) for {args.clip} at "
+            f"S={args.image_size}, templates aprilgan35; evaluate with "
+            f"`python -m eval.main --test {other} --checkpoint {workdir}`"
+        )
+        vit_l14 = dataclasses.replace(_KNOWN_CLIPS[DEFAULT_CLIP], hidden_act="quick_gelu")
+        if args.image_size != 336 and clip_dims(args.clip) == vit_l14:
             print(
-                f"wrote {workdir}: APRIL-GAN head (trained on {trained_on}) for {args.clip} at "
-                f"S={args.image_size}, templates aprilgan35; evaluate with "
-                f"`python -m eval.main --test {other} --checkpoint {workdir}`"
+                "note: at S != 336 APRIL-GAN's open_clip builds ViT-L-14-336 with nn.GELU "
+                "where the OpenAI weights use QuickGELU (docs/weights.md); to reproduce "
+                "their features exactly, convert CLIP with `python -m conversion.clip SRC "
+                "--out DIR --hidden-act gelu` and import with --clip DIR"
             )
-            vit_l14 = dataclasses.replace(_KNOWN_CLIPS[DEFAULT_CLIP], hidden_act="quick_gelu")
-            if args.image_size != 336 and clip_dims(args.clip) == vit_l14:
-                print(
-                    "note: at S != 336 APRIL-GAN's open_clip builds ViT-L-14-336 with nn.GELU "
-                    "where the OpenAI weights use QuickGELU (docs/weights.md); to reproduce "
-                    "their features exactly, convert CLIP with `python -m conversion.clip SRC "
-                    "--out DIR --hidden-act gelu` and import with --clip DIR"
-                )
-    except ClipSamError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from clipsam_jax import cli
 from clipsam_jax.data.types import subfolders, summarize
-from clipsam_jax.errors import ClipSamError, DatasetError
+from clipsam_jax.errors import DatasetError
 
 CHUNK = 1 << 20
 
@@ -220,6 +221,10 @@ def download_visa(out_dir: str | PathLike, **kwargs) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv, configure_logging=False)
+
+
+def _main(argv: Sequence[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m clipsam_jax.data.download",
         description="Download and extract MVTec-AD or VisA (see the module docstring).",
@@ -230,18 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-archive", action="store_true", help="keep the downloaded file")
     parser.add_argument("--split-csv", default=None, help="VisA: a local split_csv/1cls.csv")
     args = parser.parse_args(argv)
-    try:
-        download(
-            args.dataset,
-            args.out or Path("data") / args.dataset,
-            archive=args.archive,
-            keep_archive=args.keep_archive,
-            split_csv=args.split_csv,
-        )
-    except ClipSamError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    download(
+        args.dataset,
+        args.out or Path("data") / args.dataset,
+        archive=args.archive,
+        keep_archive=args.keep_archive,
+        split_csv=args.split_csv,
+    )
 
 
 if __name__ == "__main__":

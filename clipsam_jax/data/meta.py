@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 
+from clipsam_jax import cli
 from clipsam_jax.data.types import (
     GOOD,
     Dataset,
@@ -27,7 +28,7 @@ from clipsam_jax.data.types import (
     missing_dataset_error,
     select_classes,
 )
-from clipsam_jax.errors import ClipSamError, DatasetError
+from clipsam_jax.errors import DatasetError
 
 META_NAME = "meta.json"
 KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
@@ -145,6 +146,10 @@ def write_meta_for_layout(layout: str, root: str | PathLike) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv, configure_logging=False)
+
+
+def _main(argv: Sequence[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m clipsam_jax.data.meta",
         description="Write DIR/meta.json (APRIL-GAN/AnomalyCLIP format) from a dataset folder.",
@@ -152,17 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layout", required=True, choices=sorted(LAYOUT_SPLITS))
     parser.add_argument("--root", required=True, help="dataset folder (DIR)")
     args = parser.parse_args(argv)
-    try:
-        path = write_meta_for_layout(args.layout, args.root)
-    except ClipSamError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    path = write_meta_for_layout(args.layout, args.root)
     counts = json.loads(path.read_text())
     for split, by_class in counts.items():
         total = sum(len(v) for v in by_class.values())
         print(f"{split}: {len(by_class)} classes, {total} images")
     print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from clipsam_jax.errors import ClipSamError, DatasetError
+from clipsam_jax import cli
+from clipsam_jax.errors import DatasetError
 
 LAYOUTS = ("mvtec", "visa", "mtd", "ksdd2")
 DEFECTS = ("scratch", "hole", "stain", "crack", "missing")
@@ -575,6 +576,10 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv, configure_logging=False)
+
+
+def _main(argv: Sequence[str] | None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m clipsam_jax.data.synthetic",
         description="Generate small synthetic anomaly-segmentation datasets in real layouts.",
@@ -586,20 +591,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="image size (see generate())")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        root = generate(
-            args.layout,
-            args.out,
-            seed=args.seed,
-            images_per_class=args.images_per_class,
-            image_size=args.size,
-        )
-    except ClipSamError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    root = generate(
+        args.layout,
+        args.out,
+        seed=args.seed,
+        images_per_class=args.images_per_class,
+        image_size=args.size,
+    )
     files = sum(1 for p in root.rglob("*") if p.is_file())
     print(f"wrote {files} files under {root} in {time.perf_counter() - start:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -173,20 +173,9 @@ def mmr(
       config: threshold, points, sampling, connectivity, norm, multimask.
       rng: point-sampling generator.
     """
-    hw = tuple(np.shape(image)[:2])
-    prompts = extract_prompts(
-        rough,
-        threshold=config.threshold,
-        num_points=config.points,
-        image_hw=hw,
-        rng=rng,
-        connectivity=config.connectivity,
-        per_component=config.point_sampling == "per_component",
-    )
+    prompts = _prompts_for(rough, image, config, rng)
     if prompts.num_boxes == 0:
-        k = 3 if config.multimask else 1
-        masks = np.zeros((0, k, *hw), dtype=bool)
-        scores = np.zeros((0, k), dtype=np.float32)
+        masks, scores = _no_masks(config, prompts.image_hw)
     else:
         masks, scores = refiner.refine(image, prompts, multimask=config.multimask)
     final = fuse(rough, masks, scores, norm=config.fusion_norm)
@@ -244,14 +233,19 @@ def mmr_batch(
     else:
         refined = [refiner.refine(images[n], prompts[n], multimask=config.multimask) for n in todo]
     by_image = dict(zip(todo, refined, strict=True))
-    k = 3 if config.multimask else 1
     results = []
     for n, (rough, p) in enumerate(zip(roughs, prompts, strict=True)):
-        empty = (np.zeros((0, k, *p.image_hw), dtype=bool), np.zeros((0, k), dtype=np.float32))
-        masks, scores = by_image.get(n, empty)
+        masks, scores = by_image[n] if n in by_image else _no_masks(config, p.image_hw)
         final = fuse(rough, masks, scores, norm=config.fusion_norm)
         results.append(MMRResult(final=final, prompts=p, masks=masks, scores=scores))
     return results
+
+
+def _no_masks(config: RefineConfig, image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """What an image without a component gets instead of SAM's output: masks bool
+    (0, k, H, W) and scores float32 (0, k), k = 3 with multimask else 1."""
+    k = 3 if config.multimask else 1
+    return np.zeros((0, k, *image_hw), dtype=bool), np.zeros((0, k), dtype=np.float32)
 
 
 def _prompts_for(

@@ -38,7 +38,11 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from clipsam_jax.config import RefineConfig
 from clipsam_jax.errors import CheckpointError, ConfigError
 from clipsam_jax.refine.prompts import Prompts
-from clipsam_jax.refine.sam_attention import SamAttention, set_sam_attention
+from clipsam_jax.refine.sam_attention import (
+    SamAttention,
+    check_sam_attention,
+    set_sam_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +420,7 @@ class SamRefiner:
         self.max_boxes_per_call = max_boxes_per_call
         self.max_images_per_call = max_images_per_call
         self.autocast = resolve_autocast(autocast, model.device)
-        self.attention = attention
-        set_sam_attention(model, attention)
+        self.attention = check_sam_attention(attention)  # set on the model at each encoder call
         self.reset_timers()
 
     @classmethod

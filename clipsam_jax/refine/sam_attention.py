@@ -48,14 +48,20 @@ def _sdpa_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     return self.proj(out.reshape(batch, height, width, -1))
 
 
+def check_sam_attention(attention: str) -> SamAttention:
+    """`attention` if it names an implementation, else a ConfigError listing them."""
+    if attention not in SAM_ATTENTIONS:
+        raise ConfigError(f"SAM attention must be one of {SAM_ATTENTIONS}, got {attention!r}")
+    return attention
+
+
 def set_sam_attention(model: torch.nn.Module, attention: SamAttention) -> int:
     """Switch every segment_anything `Attention` in `model` to `attention`; returns how many.
 
     "stock": segment_anything's own forward; "sdpa": `_sdpa_forward`. Only the image encoder
     has such modules (the mask decoder's attention is another class and stays as it is).
     """
-    if attention not in SAM_ATTENTIONS:
-        raise ConfigError(f"SAM attention must be one of {SAM_ATTENTIONS}, got {attention!r}")
+    check_sam_attention(attention)
     count = 0
     for module in model.modules():
         if isinstance(module, Attention):

@@ -49,7 +49,7 @@ def per_image(sections: dict) -> dict:
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--skip" not in argv:
-        argv += ["--skip", "torch_reference,bf16_effect,train_epoch"]
+        argv += ["--skip", "torch_reference,bf16_effect,sam_compile,train_epoch"]
     args = run_all.parse_args(argv)
     name = "quick" if args.quick else "full"
     out = Path(args.out) if args.out else common.RESULTS / f"pipeline_{name}.json"

@@ -59,9 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--attention",
-        default="reference,fused,blocked",
-        help="encoder attention implementations to time (clip.features.resolve_attention)",
+        default=None,
+        help="encoder attention implementations to time (clip.features.resolve_attention); "
+        "default: reference,cudnn on GPUs, reference,blocked on CPUs",
     )
+    parser.add_argument("--sam-batch", type=int, default=8, help="SAM encoder images per call")
     return parser.parse_args(argv)
 
 
@@ -230,11 +232,13 @@ def vit_flops_per_image(config, image_size: int) -> float:
 
 def clip_stage(run: Run, values: dict, state: dict) -> None:
     """The jitted JAX encoder alone, per batch size and attention implementation: images/s,
-    FLOPs per image (analytic; XLA's cost analysis alongside), MFU."""
+    FLOPs per image (analytic; XLA's cost analysis alongside), MFU. The fastest attention at
+    `--batch` is the one rough_model and end_to_end use (`fastest_attention`)."""
     import jax
     import numpy as np
 
     from clipsam_jax.clip.features import make_image_encoder, resolve_attention
+    from clipsam_jax.errors import ConfigError
 
     clip = state["clip"]
     flops = vit_flops_per_image(clip.config, clip.image_size)
@@ -242,12 +246,18 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
     # A second, larger batch shows how far batching lifts the GPU; on CPU it only costs minutes.
     larger = state["on_gpu"] and not run.args.quick
     batches = (run.args.batch, 4 * run.args.batch) if larger else (run.args.batch,)
-    best = 0.0
+    names = run.args.attention or ("reference,cudnn" if state["on_gpu"] else "reference,blocked")
+    values["library_default_attention"] = resolve_attention(None, clip.module.dtype)
+    best, fastest = 0.0, {}
     for batch in batches:
         pixels = np.random.default_rng(1).normal(
             size=(batch, clip.image_size, clip.image_size, 3)).astype(np.float32)  # fmt: skip
-        for name in run.args.attention.split(","):
-            encoder = make_image_encoder(clip, attention=name)
+        for name in names.split(","):
+            try:
+                encoder = make_image_encoder(clip, attention=name)
+            except ConfigError as error:  # e.g. no cuDNN attention on this machine
+                values[f"{name}_attention_unavailable"] = str(error)
+                continue
             began = time.perf_counter()
             compiled = encoder.lower(clip.params, pixels).compile()
             compile_seconds = time.perf_counter() - began
@@ -260,10 +270,12 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
                      "xla_cost_analysis_flops_per_image": float(cost.get("flops", 0.0)) / batch,
                      "achieved_tflops": flops * rate / 1e12, **_mfu(flops * rate, state)}  # fmt: skip
             values[f"batch{batch}_{name}_attention"] = entry
-            if batch == run.args.batch and name == resolve_attention(None):  # library default
-                state["clip_images_per_second"] = rate
+            if batch == run.args.batch:
+                fastest[name] = rate
             best = max(best, rate)
     values["images_per_second"] = best
+    values["fastest_attention"] = state["clip_attention"] = max(fastest, key=fastest.get)
+    state["clip_images_per_second"] = fastest[state["clip_attention"]]
 
 
 def _mfu(achieved: float, state: dict) -> dict:
@@ -276,14 +288,17 @@ def _mfu(achieved: float, state: dict) -> dict:
 
 
 def rough_model(run: Run, values: dict, state: dict) -> None:
-    """CLIP + head → rough maps, one jitted function (the evaluation path): images/s."""
+    """CLIP + head → rough maps, one jitted function (the evaluation path): images/s, with the
+    fastest encoder attention of clip_encoder (and transformers' attention alongside)."""
     import numpy as np
 
     from clipsam_jax.clip.features import resolve_attention
     from clipsam_jax.inference import RoughMapModel
 
+    attention = state.get("clip_attention")  # None: the library default
     model = RoughMapModel(state["clip"], state["text"], state["head_config"],
-                          state["head_params"], batch_size=run.args.batch)  # fmt: skip
+                          state["head_params"], batch_size=run.args.batch,
+                          attention=attention)  # fmt: skip
     pixels = state["pixels"]
     names = ["candle"] * len(pixels)
     began = time.perf_counter()
@@ -291,7 +306,9 @@ def rough_model(run: Run, values: dict, state: dict) -> None:
     values["compile_seconds"] = time.perf_counter() - began
     timing = best_of(lambda: model(pixels, names), run.args.repeats)
     values.update(timing, images_per_second=len(pixels) / timing["seconds_median"])
-    if resolve_attention(None) != "reference":  # the same model with transformers' attention
+    values["attention"] = resolve_attention(attention, state["clip"].module.dtype)
+    values["library_default_attention"] = resolve_attention(None, state["clip"].module.dtype)
+    if values["attention"] != "reference":  # the same model with transformers' attention
         reference = RoughMapModel(state["clip"], state["text"], state["head_config"],
                                   state["head_params"], batch_size=run.args.batch,
                                   attention="reference")  # fmt: skip
@@ -311,26 +328,21 @@ def end_to_end(run: Run, values: dict, state: dict) -> None:
 
     from clipsam_jax.config import EvalConfig, RefineConfig
     from clipsam_jax.eval_lib import evaluate
-    from clipsam_jax.refine.sam import SamRefiner, build_sam
+    from clipsam_jax.refine.sam import SamRefiner
 
     args, on_gpu = run.args, state["on_gpu"]
-    variant = "tiny-random" if args.quick else "vit_h"
-    if variant == "vit_h":
-        from segment_anything import sam_model_registry
-
-        device = torch.device("cuda" if on_gpu else "cpu")
-        with device:  # random init on the device (timings only); buffers moved after
-            sam = sam_model_registry["vit_h"]().to(device).eval()
-    else:
-        sam = build_sam("tiny-random")
+    sam, variant = _sam(run, state)
     sam_dtype = "bf16" if on_gpu else None
-    refiner = SamRefiner(sam, autocast=sam_dtype, max_images_per_call=8)
-    state["sam"], state["refiner"] = sam, refiner
+    attention = state.get("sam_attention", "sdpa")  # the fastest of the sam_encoder section
+    refiner = SamRefiner(sam, autocast=sam_dtype, max_images_per_call=args.sam_batch,
+                         attention=attention)  # fmt: skip
+    state["refiner"] = refiner
     # A random head's rough maps carry no defects: the threshold is set at a high quantile so
     # SAM gets a few boxes per image, as a trained head's maps give (no trained head here).
     threshold = float(np.quantile(state["rough_maps"], args.box_quantile))
     values["threshold_used"] = threshold
-    refine = RefineConfig(sam=variant, sam_dtype=sam_dtype or "fp32", threshold=threshold)
+    refine = RefineConfig(sam=variant, sam_dtype=sam_dtype or "fp32", threshold=threshold,
+                          sam_attention=attention, sam_images_per_call=args.sam_batch)  # fmt: skip
     for attempt in ("warm", "timed"):  # the first pass compiles; the second is measured
         refiner.reset_timers()
         output = Path(args.workdir) / f"results_{attempt}"
@@ -358,18 +370,67 @@ def end_to_end(run: Run, values: dict, state: dict) -> None:
         values.update({f"sam_{k}": v for k, v in _mfu(flops * sam_rate, state).items()})
 
 
-def sam_attention_modes(run: Run, values: dict, state: dict) -> None:
-    """SAM's encoder with segment_anything's attention against the fused SDPA one (the library
-    default), same weights and batch; bf16 autocast on GPU. Skipped on CPU outside --quick
-    (ViT-H takes about a minute per image there: benchmarks/sam_attention.py measures ViT-B)."""
+def _sam(run: Run, state: dict):
+    """The SAM of this run (built once): random ViT-H on the device, or the tiny one."""
     import torch
-    from sam_attention import time_attention_modes
 
-    if "sam" not in state or not (state["on_gpu"] or run.args.quick):
-        values["skipped"] = "needs the end_to_end section's SAM, on a GPU (or --quick)"
+    from clipsam_jax.refine.sam import build_sam
+
+    if "sam" not in state:
+        if run.args.quick:
+            state["sam"], state["sam_variant"] = build_sam("tiny-random"), "tiny-random"
+        else:
+            from segment_anything import sam_model_registry
+
+            device = torch.device("cuda" if state["on_gpu"] else "cpu")
+            with device:  # random init on the device (timings only); buffers moved after
+                state["sam"] = sam_model_registry["vit_h"]().to(device).eval()
+            state["sam_variant"] = "vit_h"
+    return state["sam"], state["sam_variant"]
+
+
+def sam_encoder(run: Run, values: dict, state: dict) -> None:
+    """SAM's image encoder alone on a batch: each attention (segment_anything's, SDPA with the
+    relative positions as mask, folded into query/key), bf16 autocast on GPU, a bf16-weights
+    copy, and a profile of the fastest. end_to_end then uses the fastest attention. Skipped
+    on CPU outside --quick (ViT-H takes about a minute per image there:
+    benchmarks/sam_attention.py measures ViT-B)."""
+    import torch
+    from sam_attention import profile_encoder, time_attention_modes
+
+    if not (state["on_gpu"] or run.args.quick):
+        values["skipped"] = "ViT-H on CPU: see benchmarks/sam_attention.py"
+        return
+    sam, variant = _sam(run, state)
+    dtype = torch.bfloat16 if state["on_gpu"] else None
+    batch = run.args.sam_batch
+    result = time_attention_modes(sam, batch, run.args.repeats, dtype, bf16_weights=True)
+    values.update(variant=variant, batch=batch, dtype="bf16 autocast" if dtype else "float32",
+                  **result)  # fmt: skip
+    state["sam_attention"] = result["fastest"]
+    state["sam_eager_images_per_second"] = result["images_per_second"][result["fastest"]]
+    flops = _sam_encoder_flops(sam)
+    values["flops_per_image"] = flops
+    rate = result["images_per_second"][result["fastest"]]
+    values.update({f"fastest_{k}": v for k, v in _mfu(flops * rate, state).items()})
+    values["profile_of_fastest"] = profile_encoder(sam, min(batch, 4), result["fastest"], dtype)
+
+
+def sam_compile(run: Run, values: dict, state: dict) -> None:
+    """torch.compile of SAM's image encoder with the fastest attention: compile time, images/s."""
+    import torch
+    from sam_attention import time_compiled
+
+    if "sam_attention" not in state or not state["on_gpu"]:
+        values["skipped"] = "GPU only (inductor's CPU build alone takes a minute for the tiny SAM)"
         return
     dtype = torch.bfloat16 if state["on_gpu"] else None
-    values.update(time_attention_modes(state["sam"], 4, run.args.repeats, dtype))
+    result = time_compiled(state["sam"], run.args.sam_batch, run.args.repeats,
+                           state["sam_attention"], dtype)  # fmt: skip
+    values.update(result)
+    eager = state.get("sam_eager_images_per_second")
+    if eager:
+        values["speedup_over_eager"] = result["images_per_second"] / eager
 
 
 def _sam_encoder_flops(sam) -> float:
@@ -468,6 +529,9 @@ def torch_reference(run: Run, values: dict, state: dict) -> None:
     if "sam" in state:
         from segment_anything import SamPredictor
 
+        from clipsam_jax.refine.sam_attention import set_sam_attention
+
+        set_sam_attention(state["sam"], "stock")  # segment_anything as shipped
         predictor = SamPredictor(state["sam"])
         images = [np.asarray(Image.open(s.image_path).convert("RGB")) for s in state["samples"][:8]]
         boxes = np.array([[100, 100, 300, 260], [400, 200, 600, 500], [50, 400, 250, 600]], float)
@@ -571,9 +635,9 @@ def main(argv=None) -> None:
             state["measured_peak"] = max(values["jax_tflops"], values["torch_tflops"]) * 1e12
             values["dtype"] = "bfloat16" if on_gpu else "float32"
     sections = [("setup", setup), ("clip_encoder", clip_stage), ("rough_model", rough_model),
-                ("end_to_end", end_to_end), ("sam_attention", sam_attention_modes),
-                ("stage_costs", stage_costs),
-                ("torch_reference", torch_reference), ("bf16_effect", bf16_effect),
+                ("sam_encoder", sam_encoder), ("end_to_end", end_to_end),
+                ("stage_costs", stage_costs), ("torch_reference", torch_reference),
+                ("bf16_effect", bf16_effect), ("sam_compile", sam_compile),
                 ("train_epoch", train_epoch)]  # fmt: skip
     for name, fn in sections:
         if name != "setup" and "clip" not in state:

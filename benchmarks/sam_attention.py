@@ -1,5 +1,6 @@
-"""SAM's image encoder with segment_anything's own attention against PyTorch's fused SDPA
-(`clipsam_jax.refine.sam_attention`), same weights, same inputs, interleaved.
+"""SAM's image encoder with segment_anything's own attention against PyTorch's fused SDPA, with the
+relative positions as mask ("sdpa") or folded into query and key ("flash";
+`clipsam_jax.refine.sam_attention`), same weights, same inputs, interleaved.
 
     python benchmarks/sam_attention.py                  # ViT-B at 1024, B = 1, CPU float32
     python benchmarks/sam_attention.py --variant vit_h  # ViT-H (about a minute per image on CPU)
@@ -14,11 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
+import time
 from pathlib import Path
 
 import common
 
 common.setup_path()
+
+SAM_MODES = ("stock", "sdpa", "flash")  # clipsam_jax.refine.sam_attention.SAM_ATTENTIONS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,10 +55,15 @@ def build_random_sam(variant: str, device):
     return sam.to(device).eval()
 
 
-def time_attention_modes(sam, batch: int, repeats: int, autocast_dtype=None) -> dict:
-    """Interleaved timing of `sam.image_encoder` on random (batch, 3, size, size) inputs with the
-    stock and the SDPA attention; returns runs, the SDPA/stock ratio and the agreement. Leaves
-    the model on SDPA (the library default)."""
+def time_attention_modes(
+    sam, batch: int, repeats: int, autocast_dtype=None, modes=SAM_MODES, bf16_weights=False
+) -> dict:
+    """Interleaved timing of `sam.image_encoder` on random (batch, 3, size, size) inputs with each
+    attention of `modes`; returns runs, each mode's ratio to stock, the agreement and the
+    fastest mode. bf16_weights: also time the fastest mode on a bfloat16 copy of the encoder
+    (no autocast, layer norms in bf16 too). Leaves the model on "sdpa" (the library default)."""
+    import copy
+
     import torch
 
     from clipsam_jax.refine.sam_attention import set_sam_attention
@@ -62,34 +71,109 @@ def time_attention_modes(sam, batch: int, repeats: int, autocast_dtype=None) -> 
     size = sam.image_encoder.img_size
     device = next(sam.parameters()).device
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
-    context = (
-        (lambda: torch.autocast(device.type, dtype=autocast_dtype))
-        if autocast_dtype is not None
-        else contextlib.nullcontext
-    )
 
-    def run(mode: str):
+    def run(mode: str, encoder=sam.image_encoder, inputs=x, autocast=True):
         def call():
-            set_sam_attention(sam, mode)
-            with torch.inference_mode(), context():
-                out = sam.image_encoder(x)
+            set_sam_attention(encoder, mode)
+            with torch.inference_mode(), _autocast(device, autocast_dtype if autocast else None):
+                out = encoder(inputs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return out
 
         return call
 
-    variants = {"stock": run("stock"), "sdpa": run("sdpa")}
+    variants = {mode: run(mode) for mode in modes}
     outputs = {name: fn().float() for name, fn in variants.items()}
     scale = outputs["stock"].abs().max().item()
     timings = common.interleaved(variants, repeats)
-    set_sam_attention(sam, "sdpa")
-    return {
+    fastest = min(modes, key=lambda n: timings[n]["seconds_median"])
+    result = {
         "runs": {name: timings[name] for name in variants},
-        "ratio_sdpa_over_stock": common.pairwise_ratio(timings, "sdpa", "stock"),
-        "images_per_second": {n: batch / timings[n]["seconds_median"] for n in variants},
-        "max_rel_difference": (outputs["sdpa"] - outputs["stock"]).abs().max().item() / scale,
+        "ratio_over_stock": {n: common.pairwise_ratio(timings, n, "stock") for n in modes},
+        "images_per_second": {n: batch / timings[n]["seconds_median"] for n in modes},
+        "max_rel_difference_to_stock": {
+            n: (outputs[n] - outputs["stock"]).abs().max().item() / scale for n in modes
+        },
+        "fastest": fastest,
     }
+    if bf16_weights:
+        half = copy.deepcopy(sam.image_encoder).to(torch.bfloat16)
+        call = run(fastest, half, x.to(torch.bfloat16), autocast=False)
+        out = call().float()
+        timing = common.interleaved({"bf16_weights": call}, repeats)["bf16_weights"]
+        result["bf16_weights"] = {
+            "attention": fastest,
+            **timing,
+            "images_per_second": batch / timing["seconds_median"],
+            "max_rel_difference_to_stock": (out - outputs["stock"]).abs().max().item() / scale,
+        }
+        del half
+    set_sam_attention(sam, "sdpa")
+    return result
+
+
+def _autocast(device, dtype):
+    import torch
+
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def profile_encoder(sam, batch: int, attention: str, autocast_dtype, top: int = 25) -> list:
+    """The `top` operators and kernels of one encoder forward by self device time
+    (torch.profiler), as dicts."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from clipsam_jax.refine.sam_attention import set_sam_attention
+
+    size = sam.image_encoder.img_size
+    device = next(sam.parameters()).device
+    x = torch.randn(batch, 3, size, size, device=device)
+    set_sam_attention(sam, attention)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), _autocast(device, autocast_dtype):
+        sam.image_encoder(x)  # warm
+        with profile(activities=activities) as prof:
+            sam.image_encoder(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, "self_" + key, 0), reverse=True)
+    total = sum(getattr(e, "self_" + key, 0) for e in events) or 1
+    return [
+        {"name": e.key[:90], "calls": e.count,
+         "self_ms": getattr(e, "self_" + key, 0) / 1e3, "total_ms": getattr(e, key, 0) / 1e3,
+         "self_share": getattr(e, "self_" + key, 0) / total}
+        for e in events[:top]
+    ]  # fmt: skip
+
+
+def time_compiled(sam, batch: int, repeats: int, attention: str, autocast_dtype) -> dict:
+    """`torch.compile` of the image encoder with `attention`: compile seconds and images/s."""
+    import torch
+
+    from clipsam_jax.refine.sam_attention import set_sam_attention
+
+    size = sam.image_encoder.img_size
+    device = next(sam.parameters()).device
+    x = torch.randn(batch, 3, size, size, device=device)
+    set_sam_attention(sam, attention)
+    compiled = torch.compile(sam.image_encoder, dynamic=False)
+
+    def call():
+        with torch.inference_mode(), _autocast(device, autocast_dtype):
+            out = compiled(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    began = time.perf_counter()
+    call()
+    compile_seconds = time.perf_counter() - began
+    timing = common.interleaved({"compiled": call}, repeats)["compiled"]
+    return {"attention": attention, "compile_seconds": compile_seconds, **timing,
+            "images_per_second": batch / timing["seconds_median"]}  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -103,7 +187,7 @@ def main(argv=None) -> None:
     result = time_attention_modes(sam, args.batch, args.repeats, torch.bfloat16 if on_gpu else None)
     report = {
         "benchmark": "SAM image encoder: segment_anything attention vs fused SDPA with the "
-        "relative-position bias as attn_mask",
+        "relative-position bias as attn_mask (sdpa) and folded into query/key (flash)",
         "note": "random weights: timings and agreement only"
         + (". QUICK RUN: tiny SAM, numbers mean nothing" if args.quick else ""),
         "machine": common.machine_info(),
@@ -119,13 +203,14 @@ def main(argv=None) -> None:
         "loadavg_after": common.loadavg(),
         **result,
     }
-    if result["max_rel_difference"] > (2e-2 if on_gpu else 1e-4):
-        raise SystemExit(f"outputs disagree: {result['max_rel_difference']:.2e}")
+    worst = max(result["max_rel_difference_to_stock"].values())
+    if worst > (2e-2 if on_gpu else 1e-4):
+        raise SystemExit(f"outputs disagree: {worst:.2e}")
     default = Path(tempfile.gettempdir()) if args.quick else common.RESULTS
     name = f"sam_attention_{'cuda' if on_gpu else 'cpu'}.json"
     common.write_json(Path(args.out) if args.out else default / name, report)
     common.print_table(
-        [{"attention": n, "s": result["runs"][n]["seconds_median"]} for n in ("stock", "sdpa")],
+        [{"attention": n, "s": result["runs"][n]["seconds_median"]} for n in SAM_MODES],
         [("attention", "attention"), ("seconds (median)", "s")],
     )
 

@@ -72,6 +72,13 @@ def add_clip_flags(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
         default="auto",
         help="CLIP and head compute dtype (auto: bf16 on accelerators, fp32 on CPU)",
     )
+    add(
+        "--clip-attention",
+        choices=("auto", "reference", "fused", "blocked", "cudnn"),
+        default="auto",
+        help="CLIP vision attention, the same function in each form (auto: blocked on CPU, "
+        "reference elsewhere; cudnn: cuDNN's fused kernel, GPUs in bf16)",
+    )
     add("--cache-dir", default=None, help="cache of converted CLIP params and text features")
     if from_checkpoint:
         parser.set_defaults(
@@ -81,6 +88,7 @@ def add_clip_flags(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
             object_name=None,
             prompt_normalization=None,
             dtype=None,
+            clip_attention=None,
         )
 
 
@@ -95,6 +103,7 @@ def clip_overrides(args: argparse.Namespace) -> dict:
         "object_name": args.object_name,
         "dtype": args.dtype,
         "prompt_normalization": args.prompt_normalization,
+        "attention": args.clip_attention,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -109,6 +118,7 @@ def clip_config(args: argparse.Namespace) -> ClipConfig:
         dtype=args.dtype,
         cache_dir=args.cache_dir,
         prompt_normalization=args.prompt_normalization,
+        attention=args.clip_attention,
     )
 
 
@@ -137,9 +147,10 @@ def add_refine_flags(parser: argparse.ArgumentParser) -> None:
     add("--sam-images-per-call", type=int, default=4, help="images per SAM encoder call")
     add(
         "--sam-attention",
-        choices=("stock", "sdpa"),
+        choices=("stock", "sdpa", "flash"),
         default="sdpa",
-        help="SAM encoder attention: PyTorch's fused SDPA (default) or segment_anything's own",
+        help="SAM encoder attention: PyTorch's fused SDPA with the relative positions as mask "
+        "(default), folded into the query/key vectors (flash), or segment_anything's own (stock)",
     )
     add("--threshold", type=float, default=0.47, help="binarization (Table 3)")
     add(

@@ -34,6 +34,10 @@ class ClipConfig:
         "auto"  # auto: bf16 on accelerators, fp32 on CPU
     )
     cache_dir: str | None = None  # converted-params cache; None = ~/.cache/clipsam_jax
+    # Vision-tower attention, the same function in every form (clip.features.resolve_attention):
+    # auto = blocked per-head on CPU, transformers' own elsewhere; "cudnn" = cuDNN's fused kernel
+    # (GPUs, bf16/fp16).
+    attention: Literal["auto", "reference", "fused", "blocked", "cudnn"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,9 @@ class RefineConfig:
     sam_images_per_call: int = 4  # images per batched SAM image-encoder call
     # SAM encoder attention: "sdpa" = PyTorch's fused attention with the relative-position terms
     # as its additive mask (same function; ViT-B's encoder 1.36x faster on CPU,
-    # benchmarks/sam_attention.py); "stock" = segment_anything's explicit attention matrix.
-    sam_attention: Literal["stock", "sdpa"] = "sdpa"
+    # benchmarks/sam_attention.py); "flash" = the terms folded into wider query/key vectors, no
+    # mask (refine/sam_attention.py); "stock" = segment_anything's explicit attention matrix.
+    sam_attention: Literal["stock", "sdpa", "flash"] = "sdpa"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class RoughMapModel:
     clip_config: ClipConfig | None = None  # the settings `clip` was loaded with
     checkpoint_step: int | None = None
     mesh: Mesh | None = None  # data-parallel devices; default: every device
-    attention: AttentionImpl | None = None  # see clip.features.resolve_attention
+    attention: AttentionImpl | None = None  # None: clip.attention (clip.features.resolve_attention)
 
     def __post_init__(self):
         self.mesh = self.mesh or data_mesh()
@@ -58,7 +58,7 @@ class RoughMapModel:
             head = build_head(self.head_config, clip.text_dim, len(layers), clip.module.dtype)
 
         to_rough_map = head_rough_map(self.head_config)
-        attention = resolve_attention(self.attention)
+        attention = resolve_attention(self.attention or clip.attention, clip.module.dtype)
 
         def forward(clip_params, head_params, pixels, text):
             features = clip.module.apply(
@@ -107,8 +107,11 @@ class RoughMapModel:
 
 
 def checkpoint_clip_config(meta: dict) -> ClipConfig:
-    """The CLIP settings a head was trained with (from its checkpoint metadata)."""
-    return config_lib.from_dict(ClipConfig, meta["config"]["clip"])
+    """The CLIP settings a head was trained with (from its checkpoint metadata). The attention
+    implementation is not among them: it is the machine's choice (the same function), so a head
+    trained on a GPU with "cudnn" evaluates on a CPU with the default."""
+    clip = config_lib.from_dict(ClipConfig, meta["config"]["clip"])
+    return dataclasses.replace(clip, attention=ClipConfig.attention)
 
 
 def load_rough_map_model(
@@ -137,7 +140,7 @@ def load_rough_map_model(
             logger.warning("head trained at S=%d, evaluated at S=%d", trained_size,
                            clip_config.image_size)  # fmt: skip
     clip = load_clip(clip_config.model, clip_config.image_size, clip_config.feature_layers,
-                     clip_config.cache_dir, clip_config.dtype)  # fmt: skip
+                     clip_config.cache_dir, clip_config.dtype, clip_config.attention)  # fmt: skip
     if head_params is not None:
         expected = meta.get("num_stages")
         if expected is not None and expected != len(clip.feature_layers):

@@ -168,7 +168,7 @@ def train(
     samples = training_samples(config)
     clip = clip or load_clip(
         config.clip.model, config.clip.image_size, config.clip.feature_layers,
-        config.clip.cache_dir, config.clip.dtype,
+        config.clip.cache_dir, config.clip.dtype, config.clip.attention,
     )  # fmt: skip
     text = TextFeatures(clip, config.clip.templates, config.clip.object_name, config.clip.cache_dir,
                         normalization=config.clip.prompt_normalization)  # fmt: skip

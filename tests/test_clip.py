@@ -6,6 +6,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -276,10 +277,13 @@ def test_attention_implementations_match_reference(tiny_clip_dir, attention, mon
     monkeypatch.setattr(features, "ATTENTION_BLOCK", 16)
     calls, core = [], features._CORES[attention]
     monkeypatch.setitem(features._CORES, attention, lambda *a: calls.append(1) or core(*a))
-    clip = load_clip(str(tiny_clip_dir), image_size=112, dtype="float32")
+    # The choice made at loading (ClipConfig.attention, --clip-attention) is the encoder's default.
+    clip = load_clip(str(tiny_clip_dir), image_size=112, dtype="float32", attention=attention)
+    assert clip.attention == attention
     pixels = np.random.default_rng(3).normal(size=(2, 112, 112, 3)).astype(np.float32)
     reference = make_image_encoder(clip, attention="reference")(clip.params, pixels)
-    other = make_image_encoder(clip, attention=attention)(clip.params, pixels)
+    assert not calls
+    other = make_image_encoder(clip)(clip.params, pixels)
     assert reference.patch_tokens[0].shape[1:3] == (8, 8)  # 64 patches + class token
     for a, b in zip(other.patch_tokens, reference.patch_tokens):
         assert relative_error(a, b) < 1e-5
@@ -288,9 +292,47 @@ def test_attention_implementations_match_reference(tiny_clip_dir, attention, mon
 
 
 def test_attention_choice():
+    from clipsam_jax.clip.features import cudnn_attention_available, resolve_attention
+
+    expected = "blocked" if jax.default_backend() == "cpu" else "reference"
+    assert resolve_attention(None) == resolve_attention("auto") == expected
+    assert resolve_attention("fused") == "fused"
+    with pytest.raises(ConfigError, match="blocked"):
+        resolve_attention("flash")
+    # cuDNN's kernel: half precision only, and a GPU with cuDNN.
+    with pytest.raises(ConfigError, match="dtype='bfloat16'"):
+        resolve_attention("cudnn", jnp.float32)
+    if not cudnn_attention_available():
+        with pytest.raises(ConfigError, match="needs cuDNN on a GPU"):
+            resolve_attention("cudnn", jnp.bfloat16)
+
+
+def test_attention_checked_at_loading_and_not_taken_from_checkpoints(tiny_clip_dir):
+    from clipsam_jax.config import ClipConfig, to_dict
+    from clipsam_jax.inference import checkpoint_clip_config
+
+    with pytest.raises(ConfigError, match="bfloat16"):
+        load_clip(str(tiny_clip_dir), image_size=112, dtype="float32", attention="cudnn")
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        load_clip(str(tiny_clip_dir), image_size=112, attention="flash")
+    # A head trained with cuDNN's attention on a GPU evaluates anywhere: "auto" again.
+    meta = {"config": {"clip": to_dict(ClipConfig(attention="cudnn", image_size=336))}}
+    restored = checkpoint_clip_config(meta)
+    assert restored.attention == "auto" and restored.image_size == 336
+    del meta["config"]["clip"]["attention"]  # checkpoints written before the field existed
+    assert checkpoint_clip_config(meta).attention == "auto"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU with cuDNN")
+def test_cudnn_attention_matches_reference(tiny_clip_dir):
+    """On a GPU in bf16, cuDNN's fused attention gives transformers' attention's features to bf16
+    rounding. The tiny CLIP's head dim (24) is in cuDNN's range (a multiple of 8, <= 128)."""
     from clipsam_jax.clip.features import resolve_attention
 
-    assert resolve_attention(None) == resolve_attention("auto") == "blocked"  # CPU tests
-    assert resolve_attention("fused") == "fused"
-    with pytest.raises(ValueError, match="blocked"):
-        resolve_attention("flash")
+    clip = load_clip(str(tiny_clip_dir), image_size=112, dtype="bfloat16")
+    assert resolve_attention("cudnn", clip.module.dtype) == "cudnn"
+    pixels = np.random.default_rng(3).normal(size=(2, 112, 112, 3)).astype(np.float32)
+    reference = make_image_encoder(clip, attention="reference")(clip.params, pixels)
+    fused = make_image_encoder(clip, attention="cudnn")(clip.params, pixels)
+    for a, b in zip(fused.patch_tokens, reference.patch_tokens):
+        assert relative_error(a, b) < 2e-2

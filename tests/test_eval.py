@@ -80,8 +80,10 @@ def test_no_umci_needs_no_checkpoint_and_still_refines(tiny_clip_dir, synthetic_
         "--test", "visa", "--data-root", str(synthetic_data / "visa"), "--no-umci", "--clip",
         str(tiny_clip_dir), "--image-size", SIZE, "--dtype", "float32", "--sam", "tiny-random",
         "--classes", "pcb1", "--panels", "0", "--output", str(tmp_path), *COMMON,
+        "--clip-attention", "reference",
     ])  # fmt: skip
     assert report["head"] == "zero-shot" and report["checkpoint_step"] is None
+    assert report["config"]["clip"]["attention"] == "reference"
     assert "final" in report and 0.0 <= report["rough"]["mean"]["pixel_auroc"] <= 1.0
 
 

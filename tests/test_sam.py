@@ -107,10 +107,12 @@ def test_matches_segment_anything_numpy_predict(tiny, image, prompts):
         np.testing.assert_allclose(s, scores[i], atol=1e-5)
 
 
-def test_sdpa_attention_equals_stock(image, prompts):
+@pytest.mark.parametrize("fused", ["sdpa", "flash"])
+def test_fused_attention_equals_stock(image, prompts, fused):
     # Both attentions on the same weights: the encoder's features agree to fp32 rounding, and so
     # do masks and scores. The tiny SAM has one global and one windowed (padded) block, both
-    # with relative positions, made non-zero here so that the bias term is exercised.
+    # with relative positions, made non-zero here so that the bias term is exercised ("flash"
+    # folds it into 32 + 16 + 16 and 32 + 8 + 8 query/key channels).
     from segment_anything.modeling.image_encoder import Attention
 
     from clipsam_jax.refine.sam_attention import set_sam_attention
@@ -124,11 +126,11 @@ def test_sdpa_attention_equals_stock(image, prompts):
     with torch.inference_mode():
         assert set_sam_attention(model, "stock") == len(model.image_encoder.blocks)
         stock = model.image_encoder(x)
-        set_sam_attention(model, "sdpa")
+        set_sam_attention(model, fused)
         sdpa = model.image_encoder(x)
     assert not any("forward" in m.__dict__ for m in model.modules() if not isinstance(m, Attention))
     assert (sdpa - stock).abs().max() <= 1e-5 * stock.abs().max()
-    masks, scores = SamRefiner(model).refine(image, prompts)  # default: sdpa
+    masks, scores = SamRefiner(model, attention=fused).refine(image, prompts)
     assert all("forward" in m.__dict__ for m in model.modules() if isinstance(m, Attention))
     stock_masks, stock_scores = SamRefiner(model, attention="stock").refine(image, prompts)
     assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, Attention))
@@ -136,7 +138,7 @@ def test_sdpa_attention_equals_stock(image, prompts):
     assert (masks != stock_masks).mean() < 1e-4
     np.testing.assert_allclose(scores, stock_scores, atol=1e-5)
     with pytest.raises(ConfigError, match="stock"):
-        SamRefiner(model, attention="flash")
+        SamRefiner(model, attention="xformers")
 
 
 def test_zero_boxes_skip_sam(tiny, image):
@@ -237,7 +239,7 @@ def test_mmr_batch_equals_mmr_tiny_sam(tiny, batch):
     config = RefineConfig(sam="tiny-random", points=3)
     roughs = np.random.default_rng(2).random((len(images), 16, 16)).astype(np.float32) * 0.6
     roughs[1] *= 0.5  # below threshold: no component
-    for attention in ("stock", "sdpa"):
+    for attention in ("stock", "sdpa", "flash"):
         refiner = SamRefiner(tiny, max_images_per_call=2, attention=attention)
         rngs = [np.random.default_rng(n) for n in range(5)]
         got = mmr_batch(roughs, images, refiner, config, rngs)
@@ -297,10 +299,12 @@ def test_autocast_needs_cuda(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("autocast", [None, "bf16", "fp16"])
-def test_cuda_batch_and_autocast(tiny, batch, autocast):
+@pytest.mark.parametrize("attention", ["stock", "sdpa", "flash"])
+def test_cuda_batch_and_autocast(tiny, batch, autocast, attention):
     images, prompts = batch
     reference = SamRefiner(tiny).refine_batch(images, prompts)  # fp32 on CPU
-    cuda = SamRefiner(build_sam("tiny-random", device="cuda"), autocast=autocast)
+    cuda_sam = build_sam("tiny-random", device="cuda")
+    cuda = SamRefiner(cuda_sam, autocast=autocast, attention=attention)
     got = cuda.refine_batch(images, prompts)
     assert cuda.encoder_seconds > 0 and cuda.decoder_seconds > 0
     for (m, s), (em, es) in zip(got, reference):

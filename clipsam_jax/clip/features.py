@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import flax.linen as nn
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from clipsam_jax.clip.loading import ClipModel
+from clipsam_jax.errors import ConfigError
 
 
 class ImageFeatures(NamedTuple):
@@ -20,29 +22,60 @@ class ImageFeatures(NamedTuple):
     image_embeds: jax.Array
 
 
-AttentionImpl = Literal["auto", "reference", "fused", "blocked"]
-ATTENTION_IMPLS = ("auto", "reference", "fused", "blocked")
+AttentionImpl = Literal["auto", "reference", "fused", "blocked", "cudnn"]
+ATTENTION_IMPLS = ("auto", "reference", "fused", "blocked", "cudnn")
 ATTENTION_BLOCK = 512  # query rows per block of the "blocked" attention
+_HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def resolve_attention(attention: str | None) -> str:
+def resolve_attention(attention: str | None, dtype=None) -> str:
     """The vision tower's attention implementation; None and "auto" pick per backend.
 
     - "reference": transformers' FlaxCLIPAttention (materializes the (B, heads, T, T) weights).
-      The GPU default: on an H200 in bf16 (ViT-L/14 at S=518) neither alternative was faster
-      (fused 176 vs 190 images/s at batch 8, benchmarks/results/run_all_h200_run2.json).
-    - "fused": `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs in bf16/fp16).
+      The GPU default: the fastest measured there so far (an H200 in bf16, S=518).
+    - "fused": `jax.nn.dot_product_attention` with its default (XLA) implementation; on an H200
+      in bf16 it was no faster than "reference" (176 vs 190 images/s at batch 8,
+      benchmarks/results/run_all_h200_run2.json).
+    - "cudnn": the same function with cuDNN's flash-attention kernel: the scores never reach
+      memory. GPUs only, bf16/fp16 compute (`dtype`), where it compiles
+      (`cudnn_attention_available`). Not yet timed at full size: benchmarks/run_all.py's
+      clip_encoder section compares it with "reference", and the default follows that figure.
     - "blocked": one head at a time, in blocks of `ATTENTION_BLOCK` query rows, so the scores
       stay in cache. The CPU default: 2.8x faster attention core than "reference" at S=518
       (benchmarks/clip_features.py, `parts`).
-    Same params and the same function for all three (fp32 rounding apart).
+    Same params and the same function for all (rounding apart).
+    dtype: the encoder's compute dtype (None: not checked).
     """
     attention = "auto" if attention is None else attention
     if attention not in ATTENTION_IMPLS:
-        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+        raise ConfigError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
     if attention == "auto":
         return "blocked" if jax.default_backend() == "cpu" else "reference"
+    if attention == "cudnn" and dtype is not None and jnp.dtype(dtype) not in _HALF_DTYPES:
+        raise ConfigError(
+            f"attention='cudnn' needs bf16 or fp16 compute, the encoder computes in "
+            f"{jnp.dtype(dtype).name}: load CLIP with dtype='bfloat16' or pick 'reference'"
+        )
+    if attention == "cudnn" and not cudnn_attention_available():
+        raise ConfigError(
+            f"attention='cudnn' needs cuDNN on a GPU ({jax.default_backend()} backend here, "
+            "or cuDNN's fused attention did not compile): pick 'auto'"
+        )
     return attention
+
+
+@functools.cache
+def cudnn_attention_available() -> bool:
+    """Whether cuDNN's fused attention compiles here (a GPU with cuDNN >= 8.9): a bf16 probe of
+    an odd token count, as CLIP's (patches + class token)."""
+    if jax.default_backend() != "gpu":
+        return False
+    probe = jax.ShapeDtypeStruct((1, 257, 2, 64), jnp.bfloat16)
+    try:
+        jax.jit(functools.partial(_cudnn_core, scale=0.125)).lower(probe, probe, probe).compile()
+    except Exception:  # any failure means: use the reference attention
+        return False
+    return True
 
 
 def _blocked_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -68,6 +101,10 @@ def _fused_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.A
     return jax.nn.dot_product_attention(q, k, v, scale=scale)
 
 
+def _cudnn_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+
+
 def _attention_interceptor(core):
     """A Flax method interceptor computing transformers' unmasked (vision) CLIP attention with
     `core(q, k, v, scale)` on (B, T, heads, head_dim) arrays; same projections, same params."""
@@ -90,14 +127,14 @@ def _attention_interceptor(core):
     return intercept
 
 
-_CORES = {"fused": _fused_core, "blocked": _blocked_core}
+_CORES = {"fused": _fused_core, "blocked": _blocked_core, "cudnn": _cudnn_core}
 
 
 def vision_forward(
     module, pixels: jax.Array, layers: tuple[int, ...], attention: str = "reference"
 ) -> ImageFeatures:
     """Run inside `module.apply`: pixels (B, S, S, 3) normalized → `ImageFeatures`.
-    `attention`: a resolved name ("reference", "fused" or "blocked"; see `resolve_attention`)."""
+    `attention`: a resolved name (not "auto"; see `resolve_attention`)."""
     if attention in _CORES:
         with nn.intercept_methods(_attention_interceptor(_CORES[attention])):
             return vision_forward(module, pixels, layers)
@@ -111,9 +148,11 @@ def vision_forward(
 def make_image_encoder(clip: ClipModel, attention: AttentionImpl | None = None):
     """A jitted `fn(params, pixels (B, S, S, 3) float32) -> ImageFeatures` for this CLIP.
 
-    attention: see `resolve_attention` (default "auto": "blocked" on CPU, else "reference").
+    attention: see `resolve_attention`; None = the one `clip` was loaded with (default "auto":
+    "blocked" on CPU, "reference" elsewhere).
     """
-    layers, attention = clip.feature_layers, resolve_attention(attention)
+    layers = clip.feature_layers
+    attention = resolve_attention(attention or clip.attention, clip.module.dtype)
 
     @jax.jit
     def encode(params, pixels):

@@ -57,6 +57,7 @@ class ClipModel:
     feature_layers: tuple[int, ...]
     fingerprint: str
     source: str
+    attention: str = "auto"  # the vision tower's attention (clip.features.resolve_attention)
 
     @property
     def patch_size(self) -> int:
@@ -209,6 +210,7 @@ def load_clip(
     feature_layers: tuple[int, ...] | None = None,
     cache_dir: str | Path | None = None,
     dtype: str = "auto",
+    attention: str = "auto",
 ) -> ClipModel:
     """Load a CLIP checkpoint as a `ClipModel` at input size `image_size`.
 
@@ -219,6 +221,8 @@ def load_clip(
       feature_layers: encoder layers whose outputs are returned (default: quarters of depth).
       cache_dir: where converted params are cached (default `default_cache_dir()`).
       dtype: compute dtype of the encoder ("float32", "bfloat16" or "auto").
+      attention: the vision tower's attention implementation ("auto", "reference", "fused",
+        "blocked", "cudnn"; see `clip.features.resolve_attention`), checked here.
     """
     from transformers import AutoTokenizer
     from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
@@ -244,6 +248,7 @@ def load_clip(
     return build_clip_model(
         config, params, tokenizer, image_size, feature_layers, dtype,
         identity=f"{directory.name}-{_file_key(weights)}", source=str(directory),
+        attention=attention,
     )  # fmt: skip
 
 
@@ -256,6 +261,7 @@ def build_clip_model(
     dtype: str = "auto",
     identity: str = "random",
     source: str = "<in memory>",
+    attention: str = "auto",
 ) -> ClipModel:
     """A `ClipModel` from a config and params at the config's native size (loaded, converted or
     random): resizes the position grid to `image_size` and fixes the feature layers."""
@@ -278,6 +284,9 @@ def build_clip_model(
     if not all(1 <= k <= vision.num_hidden_layers for k in layers):
         raise ConfigError(f"feature layers {layers} outside 1..{vision.num_hidden_layers}")
     compute_dtype = resolve_dtype(dtype)
+    from clipsam_jax.clip.features import resolve_attention  # features imports this module
+
+    resolve_attention(attention, compute_dtype)  # a bad choice fails here, before any work
     key = f"{identity}|{image_size}|{layers}|{jnp.dtype(compute_dtype).name}"
     return ClipModel(
         config=config,
@@ -288,6 +297,7 @@ def build_clip_model(
         feature_layers=layers,
         fingerprint=f"{identity.split('-')[0]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}",
         source=source,
+        attention=attention,
     )
 
 

@@ -30,7 +30,15 @@ def _load(name: str):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    ["clip_features", "text_features", "sam_attention", "train_step", "run_all", "memory_scale"],
+    [
+        "clip_features",
+        "text_features",
+        "sam_attention",
+        "train_step",
+        "run_all",
+        "memory_scale",
+        "attention_core",
+    ],
 )
 def test_quick_run_writes_its_report(name, tmp_path):
     out = tmp_path / f"{name}.json"

@@ -238,7 +238,6 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
     import numpy as np
 
     from clipsam_jax.clip.features import make_image_encoder, resolve_attention
-    from clipsam_jax.errors import ConfigError
 
     clip = state["clip"]
     flops = vit_flops_per_image(clip.config, clip.image_size)
@@ -253,13 +252,13 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
         pixels = np.random.default_rng(1).normal(
             size=(batch, clip.image_size, clip.image_size, 3)).astype(np.float32)  # fmt: skip
         for name in names.split(","):
+            began = time.perf_counter()
             try:
                 encoder = make_image_encoder(clip, attention=name)
-            except ConfigError as error:  # e.g. no cuDNN attention on this machine
-                values[f"{name}_attention_unavailable"] = str(error)
+                compiled = encoder.lower(clip.params, pixels).compile()
+            except Exception as error:  # e.g. no cuDNN attention here: time the others
+                values[f"{name}_attention_unavailable"] = f"{type(error).__name__}: {error}"[:500]
                 continue
-            began = time.perf_counter()
-            compiled = encoder.lower(clip.params, pixels).compile()
             compile_seconds = time.perf_counter() - began
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, list) else cost
@@ -552,9 +551,11 @@ def torch_reference(run: Run, values: dict, state: dict) -> None:
 
 
 def bf16_effect(run: Run, values: dict, state: dict) -> None:
-    """max |O_bf16 - O_fp32| of the rough maps of one batch (same params)."""
+    """max |O_bf16 - O_fp32| of the rough maps of one batch (same params; fp32 with the default
+    attention, bf16 with rough_model's, as `attentions` records)."""
     import numpy as np
 
+    from clipsam_jax.clip.features import resolve_attention
     from clipsam_jax.clip.loading import load_clip
     from clipsam_jax.inference import RoughMapModel
 
@@ -565,7 +566,9 @@ def bf16_effect(run: Run, values: dict, state: dict) -> None:
     maps32 = model(state["pixels"], ["candle"] * len(state["pixels"]))
     diff = np.abs(maps32 - state["rough_maps"])
     values.update(max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
-                  dtypes=["float32", str(np.dtype(state["clip"].module.dtype))])  # fmt: skip
+                  dtypes=["float32", str(np.dtype(state["clip"].module.dtype))],
+                  attentions=[resolve_attention(None, clip32.module.dtype),
+                              state.get("clip_attention")])  # fmt: skip
 
 
 def train_epoch(run: Run, values: dict, state: dict) -> None:

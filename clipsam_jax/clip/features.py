@@ -66,7 +66,7 @@ def resolve_attention(attention: str | None, dtype=None) -> str:
 
 @functools.cache
 def cudnn_attention_available() -> bool:
-    """Whether cuDNN's fused attention compiles here (a GPU with cuDNN >= 8.9): a bf16 probe of
+    """Whether cuDNN's fused attention compiles here (a GPU whose cuDNN has it): a bf16 probe of
     an odd token count, as CLIP's (patches + class token)."""
     if jax.default_backend() != "gpu":
         return False

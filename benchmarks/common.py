@@ -161,10 +161,15 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
 
 
 def summarize(
-    walls: Sequence[float], cpus: Sequence[float] = (), systems: Sequence[float] = ()
+    walls: Sequence[float],
+    cpus: Sequence[float] = (),
+    systems: Sequence[float] = (),
+    faults: Sequence[float] = (),
 ) -> dict:
     """Median, min, max and all wall times; medians of process CPU (user + system) and system
-    (kernel: page faults of fresh buffers, thread wake-ups) seconds when given."""
+    (kernel: page faults of fresh buffers, thread wake-ups) seconds, and of minor page faults
+    (pages touched for the first time: XLA's CPU runtime maps each call's temporary buffer
+    afresh), when given."""
     out = {
         "seconds_median": statistics.median(walls),
         "seconds_min": min(walls),
@@ -175,6 +180,8 @@ def summarize(
         out["cpu_seconds_median"] = statistics.median(cpus)
     if systems:
         out["system_cpu_seconds_median"] = statistics.median(systems)
+    if faults:
+        out["minor_page_faults_median"] = statistics.median(faults)
     return out
 
 
@@ -193,18 +200,21 @@ def interleaved(
     walls: dict[str, list[float]] = {n: [] for n in names}
     cpus: dict[str, list[float]] = {n: [] for n in names}
     systems: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no fixed position
         for name in order:
             system0 = os.times().system
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             wall, cpu, _ = timed(fns[name])
             walls[name].append(wall)
             cpus[name].append(cpu)
             systems[name].append(os.times().system - system0)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
         if log:
             text = "  ".join(f"{n} {walls[n][-1]:.3f}s" for n in names)
             print(f"    round {r + 1}/{repeats}: {text}  (load {loadavg()[0]})", flush=True)
-    out = {n: summarize(walls[n], cpus[n], systems[n]) for n in names}
+    out = {n: summarize(walls[n], cpus[n], systems[n], faults[n]) for n in names}
     out["rounds"] = [{n: walls[n][r] for n in names} for r in range(repeats)]
     return out
 

@@ -91,6 +91,18 @@ def test_conv_formulations_agree():
     outputs = [Conv2D(4, impl=impl).apply(params, x) for impl in ("xla", "matmul", "im2col")]
     for out in outputs[1:]:
         np.testing.assert_allclose(out, outputs[0], atol=1e-5)
+    # Gradients too: "matmul" has its own backward pass (the transposed convolution), checked
+    # against XLA's convolution on a non-square grid, with a loss that weighs every output.
+    weights = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 5, 4))
+
+    def loss(params, x, impl):
+        return jnp.sum(Conv2D(4, impl=impl).apply(params, x) * weights)
+
+    reference = jax.grad(loss, argnums=(0, 1))(params, x, "xla")
+    for impl in ("matmul", "im2col"):
+        got = jax.grad(loss, argnums=(0, 1))(params, x, impl)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------ shapes

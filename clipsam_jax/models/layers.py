@@ -35,11 +35,49 @@ def _shifted_views(x: jax.Array, size: int) -> list[jax.Array]:
     ]
 
 
+def _shifted_matmuls_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    size, in_features, features = kernel.shape[0], kernel.shape[2], kernel.shape[3]
+    taps = kernel.reshape(size * size, in_features, features)
+    return sum(view @ taps[i] for i, view in enumerate(_shifted_views(x, size)))
+
+
+@jax.custom_vjp
+def shifted_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A k×k 'same' convolution as Σ_k view_k @ W_k over the k² shifted views of x.
+
+    x (B, H, W, C_in), kernel (k, k, C_in, C_out) → (B, H, W, C_out), no bias. Its gradient
+    with respect to x is the transposed convolution, computed the same way on the output
+    gradient with the kernel flipped in space and transposed in channels: k² matmuls of C_out
+    channels into one C_in accumulator, where differentiating the sum would form k² padded
+    C_in-wide products and add them (4x the live memory of the UMCI step on CPU, where XLA
+    page-faults every step's temporary buffer afresh)."""
+    return _shifted_matmuls_forward(x, kernel)
+
+
+def _shifted_matmuls_fwd(x, kernel):
+    return _shifted_matmuls_forward(x, kernel), (x, kernel)
+
+
+def _shifted_matmuls_bwd(residuals, grad):
+    x, kernel = residuals
+    size = kernel.shape[0]
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # (k, k, C_out, C_in)
+    grad_x = _shifted_matmuls_forward(grad, flipped)
+    grad_kernel = jnp.stack(
+        [jnp.einsum("bhwi,bhwo->io", view, grad) for view in _shifted_views(x, size)]
+    ).reshape(kernel.shape)
+    return grad_x, grad_kernel
+
+
+shifted_matmuls.defvjp(_shifted_matmuls_fwd, _shifted_matmuls_bwd)
+
+
 class Conv2D(nn.Module):
     """A k×k convolution, stride 1, zero 'same' padding: (B, H, W, C_in) → (B, H, W, features).
 
-    `impl`: "xla" (`lax.conv_general_dilated`), "matmul" (k² shifted matmuls, accumulated),
-    "im2col" (one matmul over the concatenated shifted views). Same function, same params.
+    `impl`: "xla" (`lax.conv_general_dilated`), "matmul" (k² shifted matmuls, accumulated,
+    with the transposed convolution as its backward pass: `shifted_matmuls`), "im2col" (one
+    matmul over the concatenated shifted views). Same function, same params.
     """
 
     features: int
@@ -62,9 +100,7 @@ class Conv2D(nn.Module):
                 x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
         elif impl == "matmul":
-            views = _shifted_views(x, size)
-            taps = kernel.reshape(size * size, in_features, self.features)
-            y = sum(view @ taps[i] for i, view in enumerate(views))
+            y = shifted_matmuls(x, kernel)
         elif impl == "im2col":
             patches = jnp.concatenate(_shifted_views(x, size), axis=-1)
             y = patches @ kernel.reshape(size * size * in_features, self.features)

@@ -38,6 +38,7 @@ def _load(name: str):
         "run_all",
         "memory_scale",
         "attention_core",
+        "xla_page_faults",
     ],
 )
 def test_quick_run_writes_its_report(name, tmp_path):

@@ -99,17 +99,14 @@ def main(argv=None) -> None:
     sizes = [56, 112] if args.quick else [int(s) for s in args.sizes.split(",")]
     cases = {f"S{size}": time_case(size, heads, depth, patch, args.repeats) for size in sizes}
     settings = {"heads": heads, "head_dim": depth, "block": features.ATTENTION_BLOCK}
-    report = {
+    report = common.open_report(None, False, {
         "benchmark": "CLIP attention core softmax(q k^T scale) v on CPU: library blocked form vs "
         "the plain-softmax blocked form vs torch SDPA",
         "note": "random q, k, v, one layer, B = 1, float32: timings and agreement only"
         + (". QUICK RUN: small sizes, numbers mean nothing" if args.quick else ""),
-        "machine": common.machine_info(),
-        "date": common.now(),
         "settings": {**settings, "repeats": args.repeats},
-        "loadavg_after": common.loadavg(),
-        "cases": cases,
-    }
+    })  # fmt: skip
+    report.update(loadavg_after=common.loadavg(), cases=cases)
     for case in cases.values():
         if max(case["max_rel_difference_to_torch"].values()) > 1e-5:
             raise SystemExit(f"outputs disagree: {case['max_rel_difference_to_torch']}")

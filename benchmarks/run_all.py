@@ -407,10 +407,9 @@ def sam_encoder(run: Run, values: dict, state: dict) -> None:
     values.update(variant=variant, batch=batch, dtype="bf16 autocast" if dtype else "float32",
                   **result)  # fmt: skip
     state["sam_attention"] = result["fastest"]
-    state["sam_eager_images_per_second"] = result["images_per_second"][result["fastest"]]
+    rate = state["sam_eager_images_per_second"] = result["images_per_second"][result["fastest"]]
     flops = _sam_encoder_flops(sam)
     values["flops_per_image"] = flops
-    rate = result["images_per_second"][result["fastest"]]
     values.update({f"fastest_{k}": v for k, v in _mfu(flops * rate, state).items()})
     values["profile_of_fastest"] = profile_encoder(sam, min(batch, 4), result["fastest"], dtype)
 
@@ -423,13 +422,12 @@ def sam_compile(run: Run, values: dict, state: dict) -> None:
     if "sam_attention" not in state or not state["on_gpu"]:
         values["skipped"] = "GPU only (inductor's CPU build alone takes a minute for the tiny SAM)"
         return
-    dtype = torch.bfloat16 if state["on_gpu"] else None
     result = time_compiled(state["sam"], run.args.sam_batch, run.args.repeats,
-                           state["sam_attention"], dtype)  # fmt: skip
+                           state["sam_attention"], torch.bfloat16)  # fmt: skip
     values.update(result)
-    eager = state.get("sam_eager_images_per_second")
-    if eager:
-        values["speedup_over_eager"] = result["images_per_second"] / eager
+    values["speedup_over_eager"] = (
+        result["images_per_second"] / state["sam_eager_images_per_second"]
+    )
 
 
 def _sam_encoder_flops(sam) -> float:

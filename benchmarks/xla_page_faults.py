@@ -74,15 +74,13 @@ def main(argv=None) -> None:
             "pages_in_xla_temp": temp / 4096,
         }
         print(f"[{mib} MiB] {cases[f'{mib}MiB']}", flush=True)
-    report = {
+    report = common.open_report(None, False, {
         "benchmark": "minor page faults per call: XLA CPU temporary buffer vs PyTorch",
         "note": "ones((side, side)) stacked copies; faults counted by getrusage(ru_minflt)"
         + (". QUICK RUN: small sizes" if args.quick else ""),
-        "machine": common.machine_info(),
-        "date": common.now(),
         "settings": {"side": side, "repeats": args.repeats},
-        "cases": cases,
-    }
+    })  # fmt: skip
+    report["cases"] = cases
     default = Path(tempfile.gettempdir()) if args.quick else common.RESULTS
     common.write_json(args.out or default / "xla_page_faults_cpu.json", report)
 

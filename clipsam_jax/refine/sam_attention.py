@@ -34,61 +34,62 @@ SamAttention = Literal["stock", "sdpa", "flash"]
 SAM_ATTENTIONS = ("stock", "sdpa", "flash")
 
 
-def _sdpa_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
-    """Attention.forward of segment_anything, x (B, H, W, C) → (B, H, W, C), with the softmax
-    and value product in `scaled_dot_product_attention`."""
-    batch, height, width, _ = x.shape
-    qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (B, heads, H·W, d)
+def _rel_terms(self: Attention, q: torch.Tensor, height: int, width: int):
+    """As add_decomposed_rel_pos: the unscaled query (B, heads, H·W, d) against the height and
+    width tables → rel_h (B, heads, H, W, H) and rel_w (B, heads, H, W, W)."""
+    q_grid = q.reshape(*q.shape[:2], height, width, -1)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, get_rel_pos(height, height, self.rel_pos_h))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, get_rel_pos(width, width, self.rel_pos_w))
+    return rel_h, rel_w
+
+
+def _attend_with_mask(self: Attention, q, k, v, height: int, width: int) -> torch.Tensor:
+    """ "sdpa": the relative-position terms as SDPA's additive mask. (B, heads, N, d) each."""
     bias = None
     if self.use_rel_pos:
-        # As add_decomposed_rel_pos: the unscaled query against the height and width tables.
-        rel_h_table = get_rel_pos(height, height, self.rel_pos_h)  # (H, H, d)
-        rel_w_table = get_rel_pos(width, width, self.rel_pos_w)  # (W, W, d)
-        q_grid = q.reshape(batch, self.num_heads, height, width, -1)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h_table)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w_table)
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(
-            batch, self.num_heads, height * width, height * width
-        )
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-    out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
-    return self.proj(out.reshape(batch, height, width, -1))
+        rel_h, rel_w = _rel_terms(self, q, height, width)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*q.shape[:2], *[q.shape[2]] * 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
 
 
-def _flash_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
-    """Attention.forward of segment_anything, x (B, H, W, C) → (B, H, W, C), with the
-    relative-position terms folded into the query and key vectors (module docstring)."""
-    batch, height, width, _ = x.shape
-    qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (B, heads, N, d)
+def _attend_folded(self: Attention, q, k, v, height: int, width: int) -> torch.Tensor:
+    """ "flash": the relative-position terms folded into the query and key vectors (module
+    docstring), no mask. (B, heads, N, d) each."""
     if not self.use_rel_pos:
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-    else:
-        head_dim = q.shape[-1]
-        q_grid = q.reshape(batch, self.num_heads, height, width, head_dim)
-        rel_h = torch.einsum(
-            "bnhwc,hkc->bnhwk", q_grid, get_rel_pos(height, height, self.rel_pos_h)
-        )
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, get_rel_pos(width, width, self.rel_pos_w))
-        # Key n = (row, col) gets one-hots of its row and column: q'·k' = scale·q·k + the
-        # query's height term at that row + its width term at that column.
-        rows = torch.arange(height, device=x.device).repeat_interleave(width)
-        cols = torch.arange(width, device=x.device).repeat(height)
-        key_terms = torch.cat([F.one_hot(rows, height), F.one_hot(cols, width)], -1).to(k.dtype)
-        width_used = head_dim + height + width
-        pad = -width_used % 8  # fused kernels want the head dim a multiple of 8
-        query = torch.cat([q * self.scale, rel_h.flatten(2, 3), rel_w.flatten(2, 3)], -1)
-        key = torch.cat([k, key_terms.expand(batch, self.num_heads, -1, -1)], -1)
-        query, key = F.pad(query, (0, pad)), F.pad(key, (0, pad))
-        value = F.pad(v, (0, width_used + pad - head_dim))
-        out = F.scaled_dot_product_attention(query, key.to(query.dtype), value, scale=1.0)
-        out = out[..., :head_dim]
-    out = out.reshape(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
-    return self.proj(out.reshape(batch, height, width, -1))
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+    head_dim = q.shape[-1]
+    rel_h, rel_w = _rel_terms(self, q, height, width)
+    # Key n = (row, col) gets one-hots of its row and column: q'·k' = scale·q·k + the query's
+    # height term at that row + its width term at that column.
+    rows = torch.arange(height, device=q.device).repeat_interleave(width)
+    cols = torch.arange(width, device=q.device).repeat(height)
+    key_terms = torch.cat([F.one_hot(rows, height), F.one_hot(cols, width)], -1).to(k.dtype)
+    width_used = head_dim + height + width
+    pad = -width_used % 8  # fused kernels want the head dim a multiple of 8
+    query = torch.cat([q * self.scale, rel_h.flatten(2, 3), rel_w.flatten(2, 3)], -1)
+    key = torch.cat([k, key_terms.expand(*k.shape[:2], -1, -1)], -1)
+    query, key = F.pad(query, (0, pad)), F.pad(key, (0, pad))
+    value = F.pad(v, (0, width_used + pad - head_dim))
+    out = F.scaled_dot_product_attention(query, key.to(query.dtype), value, scale=1.0)
+    return out[..., :head_dim]
 
 
-_FORWARDS = {"sdpa": _sdpa_forward, "flash": _flash_forward}
+def _forward_with(attend):
+    """Attention.forward of segment_anything, x (B, H, W, C) → (B, H, W, C), with its
+    softmax(q kᵀ·scale + rel. positions) v computed by `attend`: same projections, same params."""
+
+    def forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, H·W, d)
+        out = attend(self, q, k, v, height, width)
+        out = out.reshape(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
+        return self.proj(out.reshape(batch, height, width, -1))
+
+    return forward
+
+
+_FORWARDS = {"sdpa": _forward_with(_attend_with_mask), "flash": _forward_with(_attend_folded)}
 
 
 def check_sam_attention(attention: str) -> SamAttention:
@@ -101,8 +102,8 @@ def check_sam_attention(attention: str) -> SamAttention:
 def set_sam_attention(model: torch.nn.Module, attention: SamAttention) -> int:
     """Switch every segment_anything `Attention` in `model` to `attention`; returns how many.
 
-    "stock": segment_anything's own forward; "sdpa": `_sdpa_forward`; "flash":
-    `_flash_forward`. Only the image encoder has such modules (the mask decoder's attention is
+    "stock": segment_anything's own forward; "sdpa": `_attend_with_mask`; "flash":
+    `_attend_folded`. Only the image encoder has such modules (the mask decoder's attention is
     another class and stays as it is).
     """
     check_sam_attention(attention)

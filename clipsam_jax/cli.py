@@ -77,7 +77,7 @@ def add_clip_flags(parser: argparse.ArgumentParser, from_checkpoint: bool = Fals
         choices=("auto", "reference", "fused", "blocked", "cudnn"),
         default="auto",
         help="CLIP vision attention, the same function in each form (auto: blocked on CPU, "
-        "reference elsewhere; cudnn: cuDNN's fused kernel, GPUs in bf16)",
+        "cudnn on GPUs in bf16 where it compiles, else reference; cudnn: cuDNN's fused kernel)",
     )
     add("--cache-dir", default=None, help="cache of converted CLIP params and text features")
     if from_checkpoint:
@@ -148,9 +148,10 @@ def add_refine_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--sam-attention",
         choices=("stock", "sdpa", "flash"),
-        default="sdpa",
-        help="SAM encoder attention: PyTorch's fused SDPA with the relative positions as mask "
-        "(default), folded into the query/key vectors (flash), or segment_anything's own (stock)",
+        default="flash",
+        help="SAM encoder attention, the same function each way: the relative positions folded "
+        "into the query/key vectors (flash, default), PyTorch's fused SDPA with them as mask "
+        "(sdpa), or segment_anything's own (stock)",
     )
     add("--threshold", type=float, default=0.47, help="binarization (Table 3)")
     add(

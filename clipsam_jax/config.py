@@ -35,8 +35,8 @@ class ClipConfig:
     )
     cache_dir: str | None = None  # converted-params cache; None = ~/.cache/clipsam_jax
     # Vision-tower attention, the same function in every form (clip.features.resolve_attention):
-    # auto = blocked per-head on CPU, transformers' own elsewhere; "cudnn" = cuDNN's fused kernel
-    # (GPUs, bf16/fp16).
+    # auto = blocked per-head on CPU; on GPUs "cudnn" (cuDNN's fused kernel) in bf16/fp16 where
+    # it compiles, else transformers' own ("reference").
     attention: Literal["auto", "reference", "fused", "blocked", "cudnn"] = "auto"
 
 
@@ -106,11 +106,12 @@ class RefineConfig:
     # on CUDA (auto = bf16 where supported) is the fast path.
     sam_dtype: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"
     sam_images_per_call: int = 4  # images per batched SAM image-encoder call
-    # SAM encoder attention: "sdpa" = PyTorch's fused attention with the relative-position terms
-    # as its additive mask (same function; ViT-B's encoder 1.36x faster on CPU,
-    # benchmarks/sam_attention.py); "flash" = the terms folded into wider query/key vectors, no
-    # mask (refine/sam_attention.py); "stock" = segment_anything's explicit attention matrix.
-    sam_attention: Literal["stock", "sdpa", "flash"] = "sdpa"
+    # SAM encoder attention, the same function in each form: "flash" = the relative-position
+    # terms folded into wider query/key vectors, no mask (refine/sam_attention.py; ViT-H's
+    # encoder at 0.64 of the stock time on an H200 in bf16, ViT-B's at 0.62 on CPU);
+    # "sdpa" = PyTorch's fused attention with the terms as its additive mask (0.71, 0.68);
+    # "stock" = segment_anything's explicit attention matrix (benchmarks/sam_attention.py).
+    sam_attention: Literal["stock", "sdpa", "flash"] = "flash"
 
 
 @dataclass(frozen=True)

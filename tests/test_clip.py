@@ -294,8 +294,13 @@ def test_attention_implementations_match_reference(tiny_clip_dir, attention, mon
 def test_attention_choice():
     from clipsam_jax.clip.features import cudnn_attention_available, resolve_attention
 
-    expected = "blocked" if jax.default_backend() == "cpu" else "reference"
+    on_cpu = jax.default_backend() == "cpu"
+    expected = "blocked" if on_cpu else "reference"
     assert resolve_attention(None) == resolve_attention("auto") == expected
+    assert resolve_attention("auto", jnp.float32) == expected
+    # Half precision on a GPU with cuDNN: its fused kernel (the fastest measured there).
+    half = "blocked" if on_cpu else ("cudnn" if cudnn_attention_available() else "reference")
+    assert resolve_attention("auto", jnp.bfloat16) == resolve_attention(None, jnp.float16) == half
     assert resolve_attention("fused") == "fused"
     with pytest.raises(ConfigError, match="blocked"):
         resolve_attention("flash")

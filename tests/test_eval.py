@@ -179,7 +179,7 @@ def test_refine_flags_reach_the_config():
 
     default = cli.refine_config(parse(["--test", "visa"]))
     assert (default.sam_attention, default.sam_dtype, default.sam_images_per_call) == (
-        "sdpa", "fp32", 4,
+        "flash", "fp32", 4,
     )  # fmt: skip
     args = parse(["--test", "visa", "--sam-attention", "stock", "--sam-dtype", "bf16",
                   "--sam-images-per-call", "2", "--single-mask", "--threshold", "0.3"])  # fmt: skip

@@ -309,16 +309,18 @@ def test_cuda_batch_and_autocast(tiny, batch, autocast, attention):
     assert cuda.encoder_seconds > 0 and cuda.decoder_seconds > 0
     for (m, s), (em, es) in zip(got, reference):
         assert m.dtype == bool and s.dtype == np.float32 and m.shape == em.shape
-        # GPU kernels (and half precision) move logits near the threshold: nearly all agree.
-        assert (m == em).mean() > (0.999 if autocast is None else 0.98)
         np.testing.assert_allclose(s, es, atol=1e-4 if autocast is None else 5e-2)
+    # GPU kernels (and half precision) move logits near the threshold: nearly all pixels agree.
+    # Pooled over the batch: images without boxes have empty masks (a mean over none is NaN).
+    agree = np.concatenate([(m == em).ravel() for (m, _), (em, _) in zip(got, reference)])
+    assert agree.size > 0 and agree.mean() > (0.999 if autocast is None else 0.98)
 
 
 def test_from_config_and_warning(caplog):
     with caplog.at_level(logging.WARNING):
         refiner = SamRefiner.from_config(RefineConfig(sam="tiny-random", device="cpu"))
     assert "RANDOM weights" in caplog.text and "meaningless" in caplog.text
-    assert refiner.device.type == "cpu" and refiner.attention == "sdpa"
+    assert refiner.device.type == "cpu" and refiner.attention == "flash"
     stock = RefineConfig(sam="tiny-random", device="cpu", sam_attention="stock")
     assert SamRefiner.from_config(stock).attention == "stock"
     with pytest.raises(ConfigError):

@@ -31,15 +31,17 @@ _HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 def resolve_attention(attention: str | None, dtype=None) -> str:
     """The vision tower's attention implementation; None and "auto" pick per backend.
 
+    - "auto": "blocked" on CPU; on GPUs "cudnn" for bf16/fp16 compute where it compiles, else
+      "reference". `dtype` None counts as fp32 here.
     - "reference": transformers' FlaxCLIPAttention (materializes the (B, heads, T, T) weights).
-      The GPU default: the fastest measured there so far (an H200 in bf16, S=518).
     - "fused": `jax.nn.dot_product_attention` with its default (XLA) implementation; on an H200
       in bf16 it was no faster than "reference" (176 vs 190 images/s at batch 8,
       benchmarks/results/run_all_h200_run2.json).
     - "cudnn": the same function with cuDNN's flash-attention kernel: the scores never reach
       memory. GPUs only, bf16/fp16 compute (`dtype`), where it compiles
-      (`cudnn_attention_available`). Not yet timed at full size: benchmarks/run_all.py's
-      clip_encoder section compares it with "reference", and the default follows that figure.
+      (`cudnn_attention_available`). The GPU default: on an H200 in bf16 at S=518 the encoder
+      ran 319 against 190 images/s ("reference") at batch 8, 353 against 209 at batch 32
+      (benchmarks/results/run_all_h200_run4.json, `clip_encoder`).
     - "blocked": one head at a time, in blocks of `ATTENTION_BLOCK` query rows, so the scores
       stay in cache. The CPU default: 2.8x faster attention core than "reference" at S=518
       (benchmarks/clip_features.py, `parts`).
@@ -50,7 +52,10 @@ def resolve_attention(attention: str | None, dtype=None) -> str:
     if attention not in ATTENTION_IMPLS:
         raise ConfigError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
     if attention == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "reference"
+        if jax.default_backend() == "cpu":
+            return "blocked"
+        half = dtype is not None and jnp.dtype(dtype) in _HALF_DTYPES
+        return "cudnn" if half and cudnn_attention_available() else "reference"
     if attention == "cudnn" and dtype is not None and jnp.dtype(dtype) not in _HALF_DTYPES:
         raise ConfigError(
             f"attention='cudnn' needs bf16 or fp16 compute, the encoder computes in "

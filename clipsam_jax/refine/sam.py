@@ -389,11 +389,12 @@ class SamRefiner:
         "auto" (bf16 on CUDA, fp32 on CPU). Masks and scores come back as bool / float32.
       max_images_per_call: images per encoder call, a memory bound: ViT-H's global-attention
         blocks hold a 16×4096×4096 attention matrix, about 1 GiB per image in fp32.
-      attention: the image encoder's attention, "sdpa" (default: PyTorch's fused attention,
-        see `sam_attention`) or "stock" (segment_anything's); set on `model` before each
-        encoder call. SDPA's kernels may round differently for different batch sizes, so
-        batched and one-by-one masks can differ in a rare pixel at the threshold; "stock"
-        gives identical ones.
+      attention: the image encoder's attention, "flash" (default: relative positions folded
+        into query/key, PyTorch's fused attention without a mask), "sdpa" (the same kernel
+        family with the relative positions as its mask; see `sam_attention`) or "stock"
+        (segment_anything's); set on `model` before each encoder call. Fused kernels may round
+        differently for different batch sizes, so batched and one-by-one masks can differ in a
+        rare pixel at the threshold; "stock" gives identical ones.
 
     Attributes:
       preprocess_seconds, encoder_seconds, decoder_seconds: accumulated wall time of the
@@ -409,7 +410,7 @@ class SamRefiner:
         max_boxes_per_call: int | None = None,
         autocast: str | None = None,
         max_images_per_call: int = 4,
-        attention: SamAttention = "sdpa",
+        attention: SamAttention = "flash",
     ) -> None:
         if max_boxes_per_call is not None and max_boxes_per_call < 1:
             raise ConfigError(f"max_boxes_per_call must be >= 1, got {max_boxes_per_call}")

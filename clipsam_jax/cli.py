@@ -153,6 +153,12 @@ def add_refine_flags(parser: argparse.ArgumentParser) -> None:
         "into the query/key vectors (flash, default), PyTorch's fused SDPA with them as mask "
         "(sdpa), or segment_anything's own (stock)",
     )
+    add(
+        "--sam-compile",
+        action="store_true",
+        help="torch.compile SAM's image encoder: about a minute of compilation, then a faster "
+        "encoder (1.8x for ViT-H on an H200 in bf16); pays off on large sets",
+    )
     add("--threshold", type=float, default=0.47, help="binarization (Table 3)")
     add(
         "--connectivity",
@@ -186,6 +192,7 @@ def refine_config(args: argparse.Namespace) -> RefineConfig:
         sam_dtype=args.sam_dtype,
         sam_images_per_call=args.sam_images_per_call,
         sam_attention=args.sam_attention,
+        sam_compile=args.sam_compile,
     )
 
 

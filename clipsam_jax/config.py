@@ -112,6 +112,9 @@ class RefineConfig:
     # "sdpa" = PyTorch's fused attention with the terms as its additive mask (0.71, 0.68);
     # "stock" = segment_anything's explicit attention matrix (benchmarks/sam_attention.py).
     sam_attention: Literal["stock", "sdpa", "flash"] = "flash"
+    # torch.compile of SAM's image encoder (inductor): 1.79x the eager ViT-H encoder on an H200
+    # in bf16, after a compilation of about a minute (benchmarks/results/run_all_h200_run4.json).
+    sam_compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -148,9 +149,15 @@ def evaluate_class(
         finish(*previous)
     bar.close()
     entry = {"n_images": count, "n_anomalous": int(sum(s.label for s in samples))}
-    result = {"rough": {**_json_safe(compute_metrics(rough, masks, config.pro_mode)), **entry}}
-    if final is not None:
-        result["final"] = {**_json_safe(compute_metrics(final, masks, config.pro_mode)), **entry}
+    stages = {"rough": rough} if final is None else {"rough": rough, "final": final}
+    # The two stages' metrics in parallel: their sorts and reductions release the GIL, and
+    # they are host time during which the accelerator idles (0.13 s per stage for a 20-image
+    # class at 518², 1.2 s for 200 images). Their temporaries (about 325 MiB per 200 maps of
+    # 518²) are then held twice at once; the maps themselves are not copied.
+    with ThreadPoolExecutor(len(stages), thread_name_prefix="metrics") as pool:
+        futures = {stage: pool.submit(compute_metrics, maps, masks, config.pro_mode)
+                   for stage, maps in stages.items()}  # fmt: skip
+    result = {stage: {**_json_safe(future.result()), **entry} for stage, future in futures.items()}
     if config.save_maps:
         arrays = {
             "rough": rough,

@@ -182,8 +182,10 @@ def test_refine_flags_reach_the_config():
         "flash", "fp32", 4,
     )  # fmt: skip
     args = parse(["--test", "visa", "--sam-attention", "stock", "--sam-dtype", "bf16",
-                  "--sam-images-per-call", "2", "--single-mask", "--threshold", "0.3"])  # fmt: skip
+                  "--sam-images-per-call", "2", "--single-mask", "--threshold", "0.3",
+                  "--sam-compile"])  # fmt: skip
     config = cli.refine_config(args)
+    assert config.sam_compile and not default.sam_compile
     assert (config.sam_attention, config.sam_dtype, config.sam_images_per_call) == (
         "stock", "bf16", 2,
     )  # fmt: skip

@@ -257,6 +257,38 @@ def test_mmr_batch_equals_mmr_tiny_sam(tiny, batch):
         assert got[1].prompts.num_boxes == 0 and got[0].prompts.num_boxes > 0
 
 
+def test_compiled_encoder_gives_the_eager_masks(tiny, batch):
+    # torch.compile's graph capture of the image encoder (flash attention) with the "eager"
+    # backend (no code generation: seconds, not minutes on CPU); then a second batch size, a
+    # one-image batch, and the attention set again without invalidating the compiled graph.
+    from segment_anything.modeling.image_encoder import Attention
+
+    images, prompts = batch
+    reference = SamRefiner(tiny, max_images_per_call=4).refine_batch(images, prompts)
+    compiled = SamRefiner(tiny, max_images_per_call=4, compile_backend="eager")
+    assert compiled._encoder is not tiny.image_encoder
+    bound = [m.__dict__.get("forward") for m in tiny.modules() if isinstance(m, Attention)]
+    runs = [(images, prompts), (images[:3], prompts[:3]), (images[:1], prompts[:1])]
+    for some_images, some_prompts in runs:
+        got = compiled.refine_batch(some_images, some_prompts)
+        for (m, s), (em, es) in zip(got, reference):
+            np.testing.assert_array_equal(m, em)
+            np.testing.assert_allclose(s, es, atol=1e-6)
+    # set_sam_attention at each call kept the very same bound methods (compile guards hold).
+    assert [m.__dict__.get("forward") for m in tiny.modules() if isinstance(m, Attention)] == bound
+    config = RefineConfig(sam="tiny-random", device="cpu", sam_compile=True)
+    assert SamRefiner.from_config(config).compile_backend == "inductor"  # compiles at first use
+
+
+def test_resizes_in_threads_equal_one_by_one(tiny, batch):
+    images, _ = batch
+    refiner = SamRefiner(tiny, max_images_per_call=4)
+    together = refiner._resize(images)
+    assert refiner._resize_pool is not None
+    for image, resized in zip(images, together, strict=True):
+        np.testing.assert_array_equal(resized, refiner.transform.apply_image(image))
+
+
 def test_grayscale_and_rgba_accepted(refiner, image, prompts):
     gray = image[..., 0]
     expected = refiner.refine(np.repeat(gray[..., None], 3, axis=-1), prompts)

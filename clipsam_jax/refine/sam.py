@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -395,11 +396,18 @@ class SamRefiner:
         (segment_anything's); set on `model` before each encoder call. Fused kernels may round
         differently for different batch sizes, so batched and one-by-one masks can differ in a
         rare pixel at the threshold; "stock" gives identical ones.
+      compile_backend: None (default) runs the image encoder eagerly; a `torch.compile`
+        backend ("inductor") compiles it on its first call. On an H200 in bf16 the compiled
+        ViT-H encoder ran 1.79x faster after a 63 s compilation (batch 8, flash attention;
+        benchmarks/results/run_all_h200_run4.json): worth it from several thousand images on.
+        The batch dimension is symbolic: one compilation serves every batch of two or more
+        images; a one-image batch compiles once more (torch specializes size 1).
 
     Attributes:
       preprocess_seconds, encoder_seconds, decoder_seconds: accumulated wall time of the
         resize/normalize/pad, the image encoder, and prompt encoding + mask decoding +
-        upscaling + copy to host; CUDA is synchronized before each clock read.
+        upscaling + copy to host; SAM's CUDA stream is waited for before each clock read (only
+        SAM's: JAX's work on the same GPU keeps running).
       images_encoded, boxes_decoded: how many images went through the encoder, how many
         boxes through the decoder. `reset_timers()` zeroes all five.
     """
@@ -411,6 +419,7 @@ class SamRefiner:
         autocast: str | None = None,
         max_images_per_call: int = 4,
         attention: SamAttention = "flash",
+        compile_backend: str | None = None,
     ) -> None:
         if max_boxes_per_call is not None and max_boxes_per_call < 1:
             raise ConfigError(f"max_boxes_per_call must be >= 1, got {max_boxes_per_call}")
@@ -422,6 +431,11 @@ class SamRefiner:
         self.max_images_per_call = max_images_per_call
         self.autocast = resolve_autocast(autocast, model.device)
         self.attention = check_sam_attention(attention)  # set on the model at each encoder call
+        self.compile_backend = compile_backend
+        self._encoder = model.image_encoder
+        if compile_backend is not None:
+            self._encoder = torch.compile(model.image_encoder, backend=compile_backend)
+        self._resize_pool: ThreadPoolExecutor | None = None  # made at the first batch
         self.reset_timers()
 
     @classmethod
@@ -436,14 +450,15 @@ class SamRefiner:
         attention: SamAttention | None = None,
     ) -> SamRefiner:
         """Build SAM from `RefineConfig` (sam, sam_checkpoint, download_sam, device,
-        sam_attention unless `attention` is given)."""
+        sam_attention unless `attention` is given, sam_compile: inductor)."""
         if config.sam == "none":
             raise ConfigError("RefineConfig.sam is 'none': there is no SAM to build")
         model = build_sam(
             config.sam, config.sam_checkpoint, config.download_sam, config.device, cache_dir
         )
         attention = attention or config.sam_attention
-        return cls(model, max_boxes_per_call, autocast, max_images_per_call, attention)
+        backend = "inductor" if config.sam_compile else None
+        return cls(model, max_boxes_per_call, autocast, max_images_per_call, attention, backend)
 
     @property
     def device(self) -> torch.device:
@@ -527,11 +542,10 @@ class SamRefiner:
         (normalize, pad bottom/right to a square), so all stack into (n, 3, 1024, 1024).
         """
         with self._timed("preprocess_seconds"):
+            if self.model.image_format == "BGR":
+                images = [image[..., ::-1] for image in images]
             inputs, input_sizes = [], []
-            for image in images:
-                if self.model.image_format == "BGR":
-                    image = image[..., ::-1]
-                resized = self.transform.apply_image(image)
+            for resized in self._resize(images):
                 input_sizes.append(tuple(resized.shape[:2]))
                 x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
                 inputs.append(self.model.preprocess(x[None]))
@@ -539,9 +553,22 @@ class SamRefiner:
         with self._timed("encoder_seconds"):
             # Set per call: other refiners may share this model with another attention.
             set_sam_attention(self.model, self.attention)
-            features = self.model.image_encoder(batch)
+            if self.compile_backend is not None:
+                torch._dynamo.maybe_mark_dynamic(batch, 0)  # no recompilation per batch size
+            features = self._encoder(batch)
         self.images_encoded += len(images)
         return features, input_sizes
+
+    def _resize(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """`ResizeLongestSide.apply_image` of each uint8 (H, W, 3) image, in threads when there
+        are several: PIL's resize releases the GIL, and on one GPU it was 13 ms of host time per
+        ViT-H image, about half the encoder's time per image (run_all_h200_run4.json)."""
+        if len(images) == 1:
+            return [self.transform.apply_image(images[0])]
+        if self._resize_pool is None:
+            workers = min(self.max_images_per_call, os.cpu_count() or 1, 8)
+            self._resize_pool = ThreadPoolExecutor(workers, thread_name_prefix="sam-resize")
+        return list(self._resize_pool.map(self.transform.apply_image, images))
 
     def _decode(
         self,
@@ -614,7 +641,9 @@ class SamRefiner:
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            # SAM's stream only: torch.cuda.synchronize waits for the whole device, JAX's
+            # kernels too (the next batch's rough maps), which are meant to overlap with SAM.
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:

@@ -111,7 +111,10 @@ def set_sam_attention(model: torch.nn.Module, attention: SamAttention) -> int:
     for module in model.modules():
         if isinstance(module, Attention):
             if attention in _FORWARDS:
-                module.forward = types.MethodType(_FORWARDS[attention], module)
+                bound = module.__dict__.get("forward")
+                # Rebinding an equal method would still invalidate torch.compile's guards.
+                if getattr(bound, "__func__", None) is not _FORWARDS[attention]:
+                    module.forward = types.MethodType(_FORWARDS[attention], module)
             else:
                 module.__dict__.pop("forward", None)  # back to the class's own method
             count += 1

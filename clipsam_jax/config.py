@@ -61,8 +61,9 @@ class HeadConfig:
     # SPEC §2 choice: O = mean of the stages' anomaly probabilities (Eq. 6 averages O_i);
     # "logits" averages the logits and takes one softmax.
     stage_average: Literal["probabilities", "logits"] = "probabilities"
-    # Conv formulation: "auto" picks shifted matmuls on CPU (XLA CPU convs are slow) and
-    # lax.conv elsewhere; both compute the same function with the same params.
+    # Conv formulation: "auto" picks shifted matmuls for training on CPU (XLA's CPU convolution
+    # has a slow backward pass) and lax.conv elsewhere and for inference (its forward is the
+    # fastest; inference.inference_head_config); the same function with the same params.
     conv_impl: Literal["auto", "xla", "matmul"] = "auto"
 
 

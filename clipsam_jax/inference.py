@@ -55,7 +55,10 @@ class RoughMapModel:
         clip, layers = self.clip, self.clip.feature_layers
         head = None
         if self.head_config is not None:
-            head = build_head(self.head_config, clip.text_dim, len(layers), clip.module.dtype)
+            head = build_head(
+                inference_head_config(self.head_config), clip.text_dim, len(layers),
+                clip.module.dtype,
+            )  # fmt: skip
 
         to_rough_map = head_rough_map(self.head_config)
         attention = resolve_attention(self.attention or clip.attention, clip.module.dtype)
@@ -104,6 +107,15 @@ class RoughMapModel:
     def __call__(self, images: np.ndarray, class_names: Sequence[str | None]) -> np.ndarray:
         """images float32 (B, S, S, 3) normalized → rough maps float32 (B, S, S) in [0, 1]."""
         return self.collect(self.submit(images, class_names))
+
+
+def inference_head_config(config: HeadConfig) -> HeadConfig:
+    """`config` for a forward pass only: conv_impl "auto" becomes XLA's own convolution, the
+    fastest forward form on CPU too (the shifted matmuls that "auto" picks on CPU pay off in the
+    backward pass: benchmarks/head_forward.py). Same params, same function."""
+    if config.conv_impl != "auto":
+        return config
+    return dataclasses.replace(config, conv_impl="xla")
 
 
 def checkpoint_clip_config(meta: dict) -> ClipConfig:

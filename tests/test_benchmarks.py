@@ -39,6 +39,7 @@ def _load(name: str):
         "memory_scale",
         "attention_core",
         "xla_page_faults",
+        "head_forward",
     ],
 )
 def test_quick_run_writes_its_report(name, tmp_path):

@@ -105,6 +105,27 @@ def test_conv_formulations_agree():
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
+def test_inference_takes_the_forward_conv_and_same_maps():
+    # "auto" runs shifted matmuls for CPU training (their backward), XLA's convolution for
+    # inference; an explicit choice is kept. The head's output does not depend on it.
+    from clipsam_jax.inference import inference_head_config
+
+    auto = HeadConfig(hidden_dim=8, pool_sizes=(2, 4))
+    assert inference_head_config(auto) == dataclasses.replace(auto, conv_impl="xla")
+    for impl in ("xla", "matmul"):
+        explicit = dataclasses.replace(auto, conv_impl=impl)
+        assert inference_head_config(explicit) is explicit
+    tokens = [np.random.default_rng(i).normal(size=(2, 9, 9, 12)).astype(np.float32)
+              for i in range(4)]  # fmt: skip
+    text = np.random.default_rng(9).normal(size=(2, 2, 10)).astype(np.float32)
+    training = build_head(dataclasses.replace(auto, conv_impl="matmul"), 10)
+    params = init_params(training, 0, [t.shape for t in tokens], text.shape)
+    inference = build_head(inference_head_config(auto), 10)
+    for a, b in zip(inference.apply({"params": params}, tokens, text),
+                    training.apply({"params": params}, tokens, text), strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ shapes
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import subprocess
@@ -206,6 +207,55 @@ def test_refine_batch_equals_refine(tiny, batch):
     for (m, s), (em, es) in zip(wide, expected):
         np.testing.assert_array_equal(m, em)
         np.testing.assert_allclose(s, es, atol=1e-5)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_decode_boxes_equals_the_decoder_image_by_image(tiny, multimask):
+    # Boxes of three images (out of order, one image without any) in one call against SAM's
+    # own decoder called per image with that image's embedding.
+    from clipsam_jax.refine.sam_decoder import decode_boxes
+
+    gen = torch.Generator().manual_seed(0)
+    size = tiny.image_encoder.img_size
+    embeddings = torch.randn(4, 32, size // 16, size // 16, generator=gen)
+    owner = torch.tensor([2, 0, 2, 1, 0])
+    corners = torch.rand(5, 2, generator=gen) * size / 2
+    boxes = torch.cat([corners, corners + size / 3], dim=1)
+    coords = torch.rand(5, 3, 2, generator=gen) * size
+    labels = torch.tensor([[1, 1, -1]] * 5, dtype=torch.int32)
+    with torch.inference_mode():
+        sparse, dense = tiny.prompt_encoder(points=(coords, labels), boxes=boxes, masks=None)
+        pe = tiny.prompt_encoder.get_dense_pe()
+        masks, iou = decode_boxes(tiny.mask_decoder, embeddings[owner], pe, sparse, dense,
+                                  multimask)  # fmt: skip
+        assert masks.shape == (5, 3 if multimask else 1, size // 4, size // 4)
+        for image in range(3):
+            rows = (owner == image).nonzero().flatten()
+            want_masks, want_iou = tiny.mask_decoder(
+                image_embeddings=embeddings[image : image + 1], image_pe=pe,
+                sparse_prompt_embeddings=sparse[rows], dense_prompt_embeddings=dense[rows],
+                multimask_output=multimask,
+            )  # fmt: skip
+            torch.testing.assert_close(masks[rows], want_masks, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(iou[rows], want_iou, atol=1e-5, rtol=1e-5)
+
+
+def test_images_with_different_point_counts_decode_apart(tiny, batch):
+    # Box-only prompts (m = 0) beside 3-point prompts in one encoder batch: separate decoder
+    # calls (the token counts differ), the same masks as image by image.
+    images, prompts = batch
+    no_points = dataclasses.replace(prompts[2], points=np.zeros((2, 0, 2), np.float32),
+                                    point_labels=np.zeros((2, 0), np.int32))  # fmt: skip
+    mixed = [prompts[0], no_points, prompts[4]]
+    chosen = [images[0], images[2], images[4]]
+    expected = [SamRefiner(tiny).refine(im, p) for im, p in zip(chosen, mixed)]
+    refiner = SamRefiner(tiny, max_images_per_call=3)
+    got = refiner.refine_batch(chosen, mixed)
+    assert refiner.images_encoded == 3 and refiner.boxes_decoded == 6
+    for (m, s), (em, es) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(m, em)
+        np.testing.assert_allclose(s, es, atol=1e-5)
+    assert not np.array_equal(got[1][0], SamRefiner(tiny).refine(images[2], prompts[2])[0])
 
 
 def test_refine_batch_single_mask_and_errors(refiner, batch):

@@ -44,6 +44,7 @@ from clipsam_jax.refine.sam_attention import (
     check_sam_attention,
     set_sam_attention,
 )
+from clipsam_jax.refine.sam_decoder import decode_boxes
 
 log = logging.getLogger(__name__)
 
@@ -377,15 +378,16 @@ class SamRefiner:
     """SAM masks for the boxes of many images: batched image encoder, per-image decoder.
 
     The image encoder (nearly all of SAM's cost) runs on up to `max_images_per_call` images
-    at once; the mask decoder then runs per image with all its boxes in one batched call
-    (SAM's decoder takes one image embedding per call). Images without boxes cost nothing.
+    at once; the mask decoder then takes the boxes of all those images in one call
+    (`sam_decoder.decode_boxes`: each box with its own image's embedding, where SAM's decoder
+    takes one image per call). Images without boxes cost nothing.
     Preprocessing and postprocessing are segment_anything's own (`ResizeLongestSide`,
     `Sam.preprocess`, `Sam.postprocess_masks`), so results equal `SamPredictor`'s.
 
     Args:
       model: a SAM model (see `build_sam`); its device is used.
-      max_boxes_per_call: split an image's boxes into chunks of this size (memory bound for
-        images with very many components); None = all in one call.
+      max_boxes_per_call: at most this many boxes per decoder call (a memory bound for images
+        with very many components); None = the boxes of an encoder batch in one call.
       autocast: None / "fp32" (default), "fp16", "bf16" mixed precision (CUDA only), or
         "auto" (bf16 on CUDA, fp32 on CPU). Masks and scores come back as bool / float32.
       max_images_per_call: images per encoder call, a memory bound: ViT-H's global-attention
@@ -526,11 +528,10 @@ class SamRefiner:
             for start in range(0, len(todo), step):
                 chunk = todo[start : start + step]
                 features, input_sizes = self._encode([rgb[n] for n in chunk])
-                for i, n in enumerate(chunk):
-                    # features[i : i + 1]: the decoder expects one image embedding per call.
-                    results[n] = self._decode(
-                        features[i : i + 1], prompts[n], input_sizes[i], rgb[n].shape[:2], multimask
-                    )
+                decoded = self._decode(features, [prompts[n] for n in chunk], input_sizes,
+                                       [rgb[n].shape[:2] for n in chunk], multimask)  # fmt: skip
+                for n, result in zip(chunk, decoded, strict=True):
+                    results[n] = result
                 del features  # free the chunk's embeddings before the next encoder call
         return results
 
@@ -573,59 +574,80 @@ class SamRefiner:
     def _decode(
         self,
         features: torch.Tensor,
-        prompts: Prompts,
-        input_size: tuple[int, int],
-        original_size: tuple[int, int],
+        prompts: list[Prompts],
+        input_sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
         multimask: bool,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Masks bool (q, k, H, W) and scores float32 (q, k) of one image's boxes.
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Masks bool (q_i, k, H_i, W_i) and scores float32 (q_i, k) of the boxes of n images.
 
-        `features` (1, C, h, w) is the image's embedding; boxes go to the decoder in chunks of
-        `max_boxes_per_call`, each chunk as in `SamPredictor.predict_torch`.
+        `features` (n, C, h, w) holds the n images' embeddings. The boxes of all n images go
+        through the prompt encoder and the mask decoder together (`decode_boxes`: one call for
+        all, not one per image), in calls of at most `max_boxes_per_call` boxes; images whose
+        prompts have different point counts go in separate calls. Each image's low-resolution
+        masks are then upscaled to its size as in `SamPredictor.predict_torch`.
         """
-        q = prompts.num_boxes
-        step = self.max_boxes_per_call or q
-        masks, scores = [], []
+        model, device = self.model, self.device
+        low_res: list[torch.Tensor | None] = [None] * len(prompts)
+        scores: list[torch.Tensor | None] = [None] * len(prompts)
         with self._timed("decoder_seconds"):
-            for start in range(0, q, step):
-                part = prompts.select(slice(start, start + step))
-                m, s = self._decode_chunk(features, part, input_size, original_size, multimask)
-                masks.append(m)
-                scores.append(s)
-        self.boxes_decoded += q
-        return np.concatenate(masks), np.concatenate(scores)
+            by_point_count: dict[int, list[int]] = {}
+            for i, p in enumerate(prompts):
+                by_point_count.setdefault(p.points.shape[1], []).append(i)
+            for images in by_point_count.values():
+                boxes, coords, labels, owner = self._prompt_tensors(
+                    [prompts[i] for i in images], [original_sizes[i] for i in images]
+                )
+                owner = torch.as_tensor([images[j] for j in owner], device=device)
+                step = self.max_boxes_per_call or len(owner)
+                masks_parts, iou_parts = [], []
+                for start in range(0, len(owner), step):
+                    rows = slice(start, start + step)
+                    points = None if coords is None else (coords[rows], labels[rows])
+                    sparse, dense = model.prompt_encoder(points=points, boxes=boxes[rows],
+                                                         masks=None)  # fmt: skip
+                    m, s = decode_boxes(model.mask_decoder, features[owner[rows]],
+                                        model.prompt_encoder.get_dense_pe(), sparse, dense,
+                                        multimask)  # fmt: skip
+                    masks_parts.append(m)
+                    iou_parts.append(s)
+                group_masks, group_iou = torch.cat(masks_parts), torch.cat(iou_parts)
+                offset = 0
+                for i in images:  # boxes are in image order within the group
+                    q = prompts[i].num_boxes
+                    low_res[i] = group_masks[offset : offset + q]
+                    scores[i] = group_iou[offset : offset + q]
+                    offset += q
+            results = []
+            for i in range(len(prompts)):
+                # Upscale in fp32 even under autocast: the threshold at the mask boundary is
+                # where half precision would flip pixels. A no-op for fp32.
+                logits = model.postprocess_masks(
+                    low_res[i].float(), input_sizes[i], original_sizes[i]
+                )
+                masks = logits > model.mask_threshold
+                results.append((masks.cpu().numpy(), scores[i].float().cpu().numpy()))
+        self.boxes_decoded += sum(p.num_boxes for p in prompts)
+        return results
 
-    def _decode_chunk(
-        self,
-        features: torch.Tensor,
-        prompts: Prompts,
-        input_size: tuple[int, int],
-        original_size: tuple[int, int],
-        multimask: bool,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One batched prompt-encoder + mask-decoder call for all boxes of `prompts`."""
-        model, transform, device = self.model, self.transform, self.device
-        boxes = torch.as_tensor(prompts.boxes, dtype=torch.float32, device=device)
-        boxes = transform.apply_boxes_torch(boxes, original_size)
-        points = None
-        if prompts.points.shape[1] > 0:
-            coords = torch.as_tensor(prompts.points, dtype=torch.float32, device=device)
-            coords = transform.apply_coords_torch(coords, original_size)
-            labels = torch.as_tensor(prompts.point_labels, dtype=torch.int32, device=device)
-            points = (coords, labels)
-        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
-        low_res, iou = model.mask_decoder(
-            image_embeddings=features,
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
-        # Upscale in fp32 even under autocast: the threshold at the mask boundary is where
-        # half precision would flip pixels. A no-op for fp32.
-        logits = model.postprocess_masks(low_res.float(), input_size, original_size)
-        masks = logits > model.mask_threshold
-        return masks.cpu().numpy(), iou.float().cpu().numpy()
+    def _prompt_tensors(
+        self, prompts: list[Prompts], original_sizes: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[int]]:
+        """The boxes (Q, 4), point coordinates (Q, m, 2) and labels (Q, m) of several images'
+        prompts in the encoder's input frame (`ResizeLongestSide`, per image), stacked, and
+        the index into `prompts` of each row. Points are None when m = 0."""
+        device, transform = self.device, self.transform
+        boxes, coords, labels, owner = [], [], [], []
+        for j, (p, size) in enumerate(zip(prompts, original_sizes, strict=True)):
+            box = torch.as_tensor(p.boxes, dtype=torch.float32, device=device)
+            boxes.append(transform.apply_boxes_torch(box, size))
+            point = torch.as_tensor(p.points, dtype=torch.float32, device=device)
+            coords.append(transform.apply_coords_torch(point, size))
+            labels.append(torch.as_tensor(p.point_labels, dtype=torch.int32, device=device))
+            owner += [j] * p.num_boxes
+        if prompts[0].points.shape[1] == 0:
+            return torch.cat(boxes), None, None, owner
+        return torch.cat(boxes), torch.cat(coords), torch.cat(labels), owner
 
     @contextlib.contextmanager
     def _timed(self, counter: str) -> Iterator[None]:

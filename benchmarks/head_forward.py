@@ -49,12 +49,11 @@ def time_case(batch: int, grid: int, feature_dim: int, text_dim: int, hidden_dim
               for _ in range(4)]  # fmt: skip
     text = rng.normal(size=(batch, 2, text_dim)).astype(np.float32)
     pools = (3, 9) if grid >= 18 else (2, 4)
-    params, fns, outputs = None, {}, {}
-    for impl in IMPLS:
-        head = build_head(HeadConfig(hidden_dim=hidden_dim, pool_sizes=pools, conv_impl=impl),
-                          text_dim)  # fmt: skip
-        if params is None:
-            params = init_params(head, seed, [t.shape for t in tokens], text.shape)
+    heads = {impl: build_head(HeadConfig(hidden_dim=hidden_dim, pool_sizes=pools, conv_impl=impl),
+                              text_dim) for impl in IMPLS}  # fmt: skip
+    params = init_params(heads["xla"], seed, [t.shape for t in tokens], text.shape)
+    fns, outputs = {}, {}
+    for impl, head in heads.items():
         forward = jax.jit(lambda p, t, x, head=head: head.apply({"params": p}, t, x))
         fns[impl] = lambda f=forward: jax.block_until_ready(f(params, tokens, text))
         outputs[impl] = fns[impl]()
@@ -69,11 +68,12 @@ def time_case(batch: int, grid: int, feature_dim: int, text_dim: int, hidden_dim
 
     fns["torch"] = run_torch
     reference = [np.asarray(x) for x in run_torch()]
-    agreement = {
-        impl: max(float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
-                  for a, b in zip(outputs[impl], reference))  # fmt: skip
-        for impl in IMPLS
-    }
+
+    def difference(impl: str) -> float:
+        pairs = zip(outputs[impl], reference, strict=True)
+        return max(float(np.abs(np.asarray(a) - b).max() / np.abs(b).max()) for a, b in pairs)
+
+    agreement = {impl: difference(impl) for impl in IMPLS}
     print(f"[B={batch}] grid {grid}, features {feature_dim}, hidden {hidden_dim}", flush=True)
     timings = common.interleaved(fns, repeats)
     return {

@@ -12,18 +12,23 @@ the sections that would start after that many seconds.
 
 Reported: images/s of each stage and end to end, the JAX path against transformers' PyTorch CLIP +
 the PyTorch UMCI twin + stock `SamPredictor` use (one box at a time), the MFU of both encoders
-against the datasheet bf16 dense peak and a measured matmul peak, peak host and device memory, the
-bf16-vs-fp32 change of the rough map, and one epoch of `train.main` at full size.
+against the datasheet bf16 dense peak and a measured matmul peak, the CLIP encoder's kernel
+profile (time by kind: GEMMs, fused attention, XLA's other fusions), peak host and device memory,
+the bf16-vs-fp32 change of the rough map, and one epoch of `train.main` at full size. XLA's cost
+analysis, recorded beside the analytic FLOPs, leaves out cuBLAS and cuDNN calls on GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
+import json
 import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -277,6 +282,89 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
     values["images_per_second"] = best
     values["fastest_attention"] = state["clip_attention"] = max(fastest, key=fastest.get)
     state["clip_images_per_second"] = fastest[state["clip_attention"]]
+
+
+# Kernel kinds of a device trace, by name: cuBLAS/cuBLASLt/CUTLASS/Triton GEMMs, fused attention.
+KERNEL_KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "dot")),
+                ("attention", ("cudnn", "fmha", "flash", "sdpa", "attention")))  # fmt: skip
+
+
+def clip_profile(run: Run, values: dict, state: dict) -> None:
+    """The CLIP encoder's device kernels (jax.profiler trace, Perfetto JSON) at the larger batch
+    of clip_encoder with its fastest attention: time per kernel name and per kind (matmul,
+    attention, other: XLA's fusions and copies), the device's busy share of the wall time, and
+    the rate of the GEMMs alone, to say what holds the encoder's MFU down. GPU only (on CPU the
+    quick run checks the section on XLA's CPU ops)."""
+    import jax
+    import numpy as np
+
+    from clipsam_jax.clip.features import make_image_encoder
+
+    on_gpu, clip = state["on_gpu"], state["clip"]
+    if not on_gpu and not run.args.quick:
+        values["skipped"] = "GPU only (a full-size batch takes minutes on CPU)"
+        return
+    batch = 4 * run.args.batch if on_gpu else run.args.batch
+    attention = state.get("clip_attention")
+    encoder = make_image_encoder(clip, attention=attention)
+    pixels = np.random.default_rng(2).normal(
+        size=(batch, clip.image_size, clip.image_size, 3)).astype(np.float32)  # fmt: skip
+    jax.block_until_ready(encoder(clip.params, pixels))  # compile outside the trace
+    calls = 3
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        began = time.perf_counter()
+        for _ in range(calls):
+            jax.block_until_ready(encoder(clip.params, pixels))
+        wall = (time.perf_counter() - began) / calls
+        jax.profiler.stop_trace()
+        trace = next(Path(folder).rglob("perfetto_trace.json.gz"))
+        with gzip.open(trace) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    kernels = _device_kernels(events, "/device:GPU" if on_gpu else "/host:CPU")
+    busy = sum(kernels.values()) / calls
+    kinds = dict.fromkeys([k for k, _ in KERNEL_KINDS] + ["other"], 0.0)
+    for name, seconds in kernels.items():
+        kind = next((k for k, keys in KERNEL_KINDS if any(p in name.lower() for p in keys)),
+                    "other")  # fmt: skip
+        kinds[kind] += seconds / calls
+    vision = clip.config.vision_config
+    tokens = (clip.image_size // vision.patch_size) ** 2 + 1
+    attention_flops = vision.num_hidden_layers * 4 * tokens * tokens * vision.hidden_size
+    gemm_flops = (vit_flops_per_image(clip.config, clip.image_size) - attention_flops) * batch
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    values.update(
+        batch=batch, attention=attention, wall_seconds_per_call=wall,
+        device_busy_seconds_per_call=busy, device_busy_share=busy / wall,
+        seconds_per_call_by_kind=kinds,
+        share_by_kind={k: v / busy for k, v in kinds.items()} if busy else {},
+        gemm_tflops_while_running=gemm_flops / kinds["matmul"] / 1e12 if kinds["matmul"] else None,
+        top_kernels=[{"name": n[:120], "seconds_per_call": s / calls, "share": s / calls / busy}
+                     for n, s in top],
+    )  # fmt: skip
+
+
+def _device_kernels(events: list, process_prefix: str) -> dict[str, float]:
+    """Seconds per event name of the complete ("X") events on the processes whose name starts
+    with `process_prefix`: on a GPU its "Stream" lines (the kernels; its "XLA Ops" and "XLA
+    Modules" lines span the same time again), elsewhere every line but Python's own."""
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}  # fmt: skip
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}  # fmt: skip
+    chosen = {key for key, name in threads.items()
+              if processes.get(key[0], "").startswith(process_prefix)}  # fmt: skip
+    streams = {key for key in chosen if threads[key].startswith("Stream")}
+    chosen = streams or {key for key in chosen if threads[key] != "python"}
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") != "X" or (e["pid"], e.get("tid")) not in chosen:
+            continue
+        if "Execute" in e["name"]:
+            continue  # host-side dispatch and waits, not kernels
+        totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0) / 1e6
+    return totals
 
 
 def _mfu(achieved: float, state: dict) -> dict:
@@ -660,6 +748,7 @@ def main(argv=None) -> None:
             values["dtype"] = "bfloat16" if on_gpu else "float32"
     sections = [("setup", setup), ("clip_encoder", clip_stage), ("rough_model", rough_model),
                 ("sam_encoder", sam_encoder), ("end_to_end", end_to_end),
+                ("clip_profile", clip_profile),
                 ("stage_costs", stage_costs), ("torch_reference", torch_reference),
                 ("bf16_effect", bf16_effect), ("sam_compile", sam_compile),
                 ("end_to_end_compiled", end_to_end_compiled),

@@ -375,7 +375,7 @@ def resolve_autocast(autocast: str | None, device: torch.device) -> str | None:
 
 
 class SamRefiner:
-    """SAM masks for the boxes of many images: batched image encoder, per-image decoder.
+    """SAM masks for the boxes of many images: image encoder and mask decoder batched.
 
     The image encoder (nearly all of SAM's cost) runs on up to `max_images_per_call` images
     at once; the mask decoder then takes the boxes of all those images in one call

@@ -26,7 +26,7 @@ from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.registry import load_dataset
 from clipsam_jax.data.types import Sample
 from clipsam_jax.errors import ConfigError
-from clipsam_jax.inference import RoughMapModel, load_rough_map_model
+from clipsam_jax.inference import RoughMapModel, load_rough_map_model, rough_maps_ahead
 from clipsam_jax.metrics import compute_metrics
 from clipsam_jax.metrics.report import format_table, mean_over_classes
 from clipsam_jax.refine.fusion import mmr_batch
@@ -137,16 +137,8 @@ def evaluate_class(
                             None if final is None else final[index], masks[index], results[i])  # fmt: skip
         bar.update(len(batch["indices"]))
 
-    # One batch in flight: CLIP + head compute the next batch's maps (asynchronously, in JAX)
-    # while SAM refines the current one (PyTorch), and the loader decodes ahead in threads.
-    previous = None
-    for batch in loader:
-        pending = model.submit(batch["images"], batch["class_names"])
-        if previous is not None:
-            finish(*previous)
-        previous = (batch, model.collect(pending))
-    if previous is not None:
-        finish(*previous)
+    for batch, maps in rough_maps_ahead(loader, model):
+        finish(batch, maps)
     bar.close()
     entry = {"n_images": count, "n_anomalous": int(sum(s.label for s in samples))}
     stages = {"rough": rough} if final is None else {"rough": rough, "final": final}
@@ -189,8 +181,8 @@ def _evaluate_class_streaming(
         stages["final"] = StreamingPixelMetrics()
     panels = _panel_indices(samples, config.visualize_per_class)
     bar = tqdm(total=len(samples), desc=name, unit="img", disable=not progress)
-    for batch in BatchLoader(samples, size, config.batch_size, keep_rgb=True):
-        maps = model(batch["images"], batch["class_names"])
+    loader = BatchLoader(samples, size, config.batch_size, keep_rgb=True)
+    for batch, maps in rough_maps_ahead(loader, model):
         results = [None] * len(maps)
         if refiner is not None:
             rngs = [np.random.default_rng([config.seed, int(i)]) for i in batch["indices"]]

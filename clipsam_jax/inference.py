@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +107,26 @@ class RoughMapModel:
     def __call__(self, images: np.ndarray, class_names: Sequence[str | None]) -> np.ndarray:
         """images float32 (B, S, S, 3) normalized → rough maps float32 (B, S, S) in [0, 1]."""
         return self.collect(self.submit(images, class_names))
+
+
+def rough_maps_ahead(
+    batches: Iterable[dict], model: RoughMapModel
+) -> Iterator[tuple[dict, np.ndarray]]:
+    """(batch, rough maps float32 (B, S, S)) for each batch, with one batch in flight: the next
+    batch's maps are dispatched before the current one is handed out, so CLIP + head compute
+    them (asynchronously, in JAX) while the caller runs SAM on the current one (PyTorch).
+
+    Each batch is a dict with "images" float32 (B, S, S, 3) normalized and "class_names" (B);
+    it is handed back as it came, with its maps.
+    """
+    previous = None
+    for batch in batches:
+        pending = model.submit(batch["images"], batch["class_names"])
+        if previous is not None:
+            yield previous
+        previous = (batch, model.collect(pending))
+    if previous is not None:
+        yield previous
 
 
 def inference_head_config(config: HeadConfig) -> HeadConfig:

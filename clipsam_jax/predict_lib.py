@@ -34,6 +34,8 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -48,8 +50,8 @@ from clipsam_jax.clip.prompts import object_name
 from clipsam_jax.config import ClipConfig, RefineConfig
 from clipsam_jax.data.image_io import IMAGE_SUFFIXES, preprocess, read_image
 from clipsam_jax.errors import ConfigError, DatasetError, ImageReadError
-from clipsam_jax.inference import RoughMapModel, load_rough_map_model
-from clipsam_jax.refine.fusion import mmr
+from clipsam_jax.inference import RoughMapModel, load_rough_map_model, rough_maps_ahead
+from clipsam_jax.refine.fusion import MMRResult, mmr_batch
 from clipsam_jax.visualize import overlay
 
 logger = logging.getLogger(__name__)
@@ -232,24 +234,59 @@ def _check_output(output: Path, inputs: Path) -> None:
         )
 
 
-def _predict_image(
-    index: int, rgb: np.ndarray, rough: np.ndarray, refiner, config: PredictConfig, job: dict
-) -> dict:
-    """MMR (when a refiner is given) and the files of one image; returns its result entry.
+def _read_batches(
+    paths: list[Path], size: int, batch_size: int, class_name: str | None,
+    pool: ThreadPoolExecutor, on_error: Callable[[int, ImageReadError], None],
+) -> Iterator[dict]:  # fmt: skip
+    """Batches of the readable images of `paths`: {"indices", "rgb" (uint8 (H, W, 3) each),
+    "images" float32 (B, S, S, 3), "class_names"}. Images are read and preprocessed in `pool`'s
+    threads, the next batch while the current one is processed; an unreadable file goes to
+    `on_error(index, error)` and is left out (a batch with none left is not yielded)."""
 
-    rgb uint8 (H, W, 3) original image; rough float32 (S, S) rough map; `job` holds the
-    run-wide values (output folder, names, threshold, settings).
+    def read(index: int):
+        try:
+            rgb = read_image(paths[index])
+        except ImageReadError as error:
+            return None, None, error
+        return rgb, preprocess(rgb, size), None
+
+    def submit(start: int) -> list:
+        stop = min(start + batch_size, len(paths))
+        return [(index, pool.submit(read, index)) for index in range(start, stop)]
+
+    pending = submit(0)
+    for start in range(0, len(paths), batch_size):
+        current, pending = pending, submit(start + batch_size)
+        batch = {"indices": [], "rgb": [], "images": []}
+        for index, future in current:
+            rgb, pixels, error = future.result()
+            if error is not None:
+                on_error(index, error)
+                continue
+            batch["indices"].append(index)
+            batch["rgb"].append(rgb)
+            batch["images"].append(pixels)
+        if batch["indices"]:
+            batch["images"] = np.stack(batch["images"])
+            batch["class_names"] = [class_name] * len(batch["indices"])
+            yield batch
+
+
+def _predict_image(
+    index: int, rgb: np.ndarray, rough: np.ndarray, result: MMRResult | None,
+    config: PredictConfig, job: dict,
+) -> dict:  # fmt: skip
+    """The files of one image; returns its result entry.
+
+    rgb uint8 (H, W, 3) original image; rough float32 (S, S) rough map; result its MMR (None
+    without SAM); `job` holds the run-wide values (output folder, names, threshold, settings).
     """
     final, boxes = rough, 0
-    if refiner is not None:
-        # Seeded by the image's position in the sorted list, so its points do not depend on
-        # the batch size or on skipped files.
-        rng = np.random.default_rng([config.seed, index])
-        result = mmr(rough, rgb, refiner, config.refine, rng)
+    if result is not None:
         final, boxes = result.final, result.prompts.num_boxes
     height, width = rgb.shape[:2]
     values = resize_map(final, height, width)
-    rough_full = resize_map(rough, height, width) if refiner is not None else values
+    rough_full = resize_map(rough, height, width) if result is not None else values
     if config.map_format == "png" and (values.min() < 0.0 or values.max() > 1.0):
         logger.warning("%s: map values outside [0, 1] are clipped in the 16-bit PNG; use "
                        "--map-format npy to keep them", job["paths"][index])  # fmt: skip
@@ -319,23 +356,29 @@ def predict(
     }  # fmt: skip
     rows: dict[int, dict] = {}  # by position in `paths`, so the CSV follows the input order
     bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress)
+
+    def skip(index: int, error: ImageReadError) -> None:
+        logger.warning("skipping %s: %s", paths[index], error)
+        report["skipped"].append({"path": str(paths[index]), "error": str(error)})
+        rows[index] = {"path": str(paths[index]), "error": str(error)}
+        bar.update(1)
+
+    # Reading (threads), CLIP + head (JAX, asynchronous) and SAM (PyTorch) overlap: the next
+    # batch is read and its rough maps computed while SAM refines the current one.
+    pool = ThreadPoolExecutor(min(config.batch_size, os.cpu_count() or 1, 8), "predict-read")
     try:
-        for start in range(0, len(paths), config.batch_size):
-            loaded = []
-            for index in range(start, min(start + config.batch_size, len(paths))):
-                try:
-                    loaded.append((index, read_image(paths[index])))
-                except ImageReadError as error:
-                    logger.warning("skipping %s: %s", paths[index], error)
-                    report["skipped"].append({"path": str(paths[index]), "error": str(error)})
-                    rows[index] = {"path": str(paths[index]), "error": str(error)}
-                    bar.update(1)
-            if not loaded:
-                continue
-            images = np.stack([preprocess(rgb, model.clip.image_size) for _, rgb in loaded])
-            rough_maps = model(images, [config.class_name or None] * len(loaded))
-            for (index, rgb), rough in zip(loaded, rough_maps, strict=True):
-                entry = _predict_image(index, rgb, rough, refiner, config, job)
+        batches = _read_batches(paths, model.clip.image_size, config.batch_size,
+                                config.class_name or None, pool, skip)  # fmt: skip
+        for batch, rough_maps in rough_maps_ahead(batches, model):
+            results = [None] * len(rough_maps)
+            if refiner is not None:
+                # Seeded by the image's position in the sorted list, so its points do not
+                # depend on the batch size or on skipped files.
+                rngs = [np.random.default_rng([config.seed, i]) for i in batch["indices"]]
+                results = mmr_batch(rough_maps, batch["rgb"], refiner, config.refine, rngs)
+            for index, rgb, rough, result in zip(batch["indices"], batch["rgb"], rough_maps,
+                                                 results, strict=True):  # fmt: skip
+                entry = _predict_image(index, rgb, rough, result, config, job)
                 rows[index] = {"path": entry["image"], "score": entry["score"],
                                "rough_score": entry["rough_score"],
                                "sam_boxes": entry["sam_boxes"], "name": job["names"][index]}  # fmt: skip
@@ -343,6 +386,7 @@ def predict(
                 bar.update(1)
         report["complete"] = True
     finally:
+        pool.shutdown(cancel_futures=True)
         bar.close()
         if rows:  # also after an interruption: the summary of what is on disk
             _write_summary(output, rows, report)

@@ -87,6 +87,37 @@ def test_non_square_image_with_tiny_sam(tiny, tmp_path):
     assert float(rows[0]["score"]) == pytest.approx(result["score"])
 
 
+def test_batch_size_changes_no_map_and_bad_files_inside_batches(tiny, tmp_path):
+    # Reading ahead in threads, CLIP one batch ahead and SAM batched over the images of a batch
+    # give what one image at a time gives (stock SAM attention: batch-invariant; CLIP's maps
+    # round differently per compiled batch size, by ~1e-7), with an unreadable file inside a
+    # batch skipped.
+    folder = tmp_path / "in"
+    for i, size in enumerate([(80, 50), (64, 64), (50, 90), (70, 70), (96, 40)]):
+        _image(folder / f"part{i}.png", size=size)
+    (folder / "part2b.png").write_bytes(b"not a png")
+    maps, boxes = {}, {}
+    for batch in (1, 3):
+        out = tmp_path / f"out{batch}"
+        report = main([str(folder), "--output", str(out), "--map-format", "npy",
+                       "--batch-size", str(batch),
+                       *_flags(tiny, "--sam", "tiny-random", "--threshold", "0.2",
+                               "--sam-attention", "stock")])  # fmt: skip
+        assert report["images"] == 5 and [Path(s["path"]).name for s in report["skipped"]] == [
+            "part2b.png"
+        ]
+        rows = list(csv.DictReader((out / "predictions.csv").open()))
+        assert [Path(r["path"]).name for r in rows] == [f"part{i}.png" for i in (0, 1, 2)] + [
+            "part2b.png", "part3.png", "part4.png"
+        ]  # fmt: skip
+        maps[batch] = {i: np.load(out / f"part{i}_map.npy") for i in range(5)}
+        boxes[batch] = [json.loads((out / f"part{i}_result.json").read_text())["sam_boxes"]
+                        for i in range(5)]  # fmt: skip
+    assert boxes[3] == boxes[1] and sum(boxes[1]) > 0  # SAM really ran, on the same prompts
+    for i in range(5):
+        np.testing.assert_allclose(maps[3][i], maps[1][i], atol=1e-5, err_msg=f"part{i}")
+
+
 def test_npy_map_without_sam_and_mask_threshold(tiny, tmp_path):
     image = _image(tmp_path / "x.jpg", size=(64, 96))
     png = main([str(image), "--output", str(tmp_path / "png"), *_flags(tiny, "--sam", "none")])

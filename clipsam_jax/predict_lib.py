@@ -1,7 +1,8 @@
 """Anomaly maps for arbitrary images (no dataset, no ground truth): `predict(config)`.
 
 Images (one file, or a folder scanned for IMAGE_SUFFIXES) → CLIP + head rough maps O (S×S) in
-batches → MMR with SAM per image (SPEC §4) → per image, in the output folder:
+batches → MMR with SAM (SPEC §4; each image its own prompts, SAM batched over a batch's
+images) → per image, in the output folder:
 
 - `<name>_map.png`: the anomaly map (the final map when SAM runs, else the rough map) at the
   ORIGINAL image resolution, bilinearly resized from S×S (OpenCV INTER_LINEAR, half-pixel

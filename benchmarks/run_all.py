@@ -356,7 +356,8 @@ def _device_kernels(events: list, process_prefix: str) -> dict[str, float]:
     chosen = {key for key, name in threads.items()
               if processes.get(key[0], "").startswith(process_prefix)}  # fmt: skip
     streams = {key for key in chosen if threads[key].startswith("Stream")}
-    chosen = streams or {key for key in chosen if threads[key] != "python"}
+    summaries = ("python", "XLA Ops", "XLA Modules", "Steps", "TensorFlow Ops")
+    chosen = streams or {key for key in chosen if not threads[key].startswith(summaries)}
     totals: dict[str, float] = {}
     for e in events:
         if e.get("ph") != "X" or (e["pid"], e.get("tid")) not in chosen:

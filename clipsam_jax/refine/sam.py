@@ -587,18 +587,23 @@ class SamRefiner:
         prompts have different point counts go in separate calls. Each image's low-resolution
         masks are then upscaled to its size as in `SamPredictor.predict_torch`.
         """
-        model, device = self.model, self.device
+        model = self.model
         low_res: list[torch.Tensor | None] = [None] * len(prompts)
         scores: list[torch.Tensor | None] = [None] * len(prompts)
         with self._timed("decoder_seconds"):
+            dense_pe = model.prompt_encoder.get_dense_pe()
             by_point_count: dict[int, list[int]] = {}
             for i, p in enumerate(prompts):
                 by_point_count.setdefault(p.points.shape[1], []).append(i)
             for images in by_point_count.values():
-                boxes, coords, labels, owner = self._prompt_tensors(
+                counts = [prompts[i].num_boxes for i in images]
+                boxes, coords, labels = self._prompt_tensors(
                     [prompts[i] for i in images], [original_sizes[i] for i in images]
                 )
-                owner = torch.as_tensor([images[j] for j in owner], device=device)
+                # The feature row (image) of each box; boxes are in image order.
+                owner = torch.as_tensor(
+                    [i for i, q in zip(images, counts) for _ in range(q)], device=self.device
+                )
                 step = self.max_boxes_per_call or len(owner)
                 masks_parts, iou_parts = [], []
                 for start in range(0, len(owner), step):
@@ -606,18 +611,14 @@ class SamRefiner:
                     points = None if coords is None else (coords[rows], labels[rows])
                     sparse, dense = model.prompt_encoder(points=points, boxes=boxes[rows],
                                                          masks=None)  # fmt: skip
-                    m, s = decode_boxes(model.mask_decoder, features[owner[rows]],
-                                        model.prompt_encoder.get_dense_pe(), sparse, dense,
-                                        multimask)  # fmt: skip
+                    m, s = decode_boxes(model.mask_decoder, features[owner[rows]], dense_pe,
+                                        sparse, dense, multimask)  # fmt: skip
                     masks_parts.append(m)
                     iou_parts.append(s)
-                group_masks, group_iou = torch.cat(masks_parts), torch.cat(iou_parts)
-                offset = 0
-                for i in images:  # boxes are in image order within the group
-                    q = prompts[i].num_boxes
-                    low_res[i] = group_masks[offset : offset + q]
-                    scores[i] = group_iou[offset : offset + q]
-                    offset += q
+                per_image = zip(images, torch.cat(masks_parts).split(counts),
+                                torch.cat(iou_parts).split(counts), strict=True)  # fmt: skip
+                for i, image_masks, image_scores in per_image:
+                    low_res[i], scores[i] = image_masks, image_scores
             results = []
             for i in range(len(prompts)):
                 # Upscale in fp32 even under autocast: the threshold at the mask boundary is
@@ -632,27 +633,26 @@ class SamRefiner:
 
     def _prompt_tensors(
         self, prompts: list[Prompts], original_sizes: list[tuple[int, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[int]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The boxes (Q, 4), point coordinates (Q, m, 2) and labels (Q, m) of several images'
-        prompts in the encoder's input frame (`ResizeLongestSide`, per image), stacked, and
-        the index into `prompts` of each row. Points are None when m = 0."""
+        prompts in the encoder's input frame (`ResizeLongestSide`, per image), stacked in
+        image order. Points are None when m = 0."""
         device, transform = self.device, self.transform
-        boxes, coords, labels, owner = [], [], [], []
-        for j, (p, size) in enumerate(zip(prompts, original_sizes, strict=True)):
+        boxes, coords, labels = [], [], []
+        for p, size in zip(prompts, original_sizes, strict=True):
             box = torch.as_tensor(p.boxes, dtype=torch.float32, device=device)
             boxes.append(transform.apply_boxes_torch(box, size))
             point = torch.as_tensor(p.points, dtype=torch.float32, device=device)
             coords.append(transform.apply_coords_torch(point, size))
             labels.append(torch.as_tensor(p.point_labels, dtype=torch.int32, device=device))
-            owner += [j] * p.num_boxes
         if prompts[0].points.shape[1] == 0:
-            return torch.cat(boxes), None, None, owner
-        return torch.cat(boxes), torch.cat(coords), torch.cat(labels), owner
+            return torch.cat(boxes), None, None
+        return torch.cat(boxes), torch.cat(coords), torch.cat(labels)
 
     @contextlib.contextmanager
     def _timed(self, counter: str) -> Iterator[None]:
-        """Add the block's wall time to `self.<counter>`; CUDA work is waited for first, so
-        asynchronous kernels are charged to the stage that launched them."""
+        """Add the block's wall time to `self.<counter>`; SAM's CUDA stream is waited for first,
+        so asynchronous kernels are charged to the stage that launched them."""
         self._synchronize()
         start = time.perf_counter()
         try:

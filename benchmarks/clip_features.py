@@ -10,6 +10,8 @@ Variants (timed interleaved, A B C A B C ..., medians; see common.py):
   jax            the library path: `clipsam_jax.clip.features.make_image_encoder` (HF FlaxCLIP
                  vision tower with output_hidden_states=True, then the visual projection) with
                  its default attention on this backend ("blocked" on CPU).
+  jax_fused_qkv  the library path with `fuse_qkv=True`: the query, key and value projections as
+                 one GEMM against their concatenated kernels.
   jax_reference  the same with transformers' own attention (`attention="reference"`).
   jax_headmajor  the same function in plain JAX on the same params, with attention computed in
                  the head-major layout (B, heads, N, d) before merging heads.
@@ -40,7 +42,7 @@ from pathlib import Path
 import common
 
 DEFAULT_OUT = common.RESULTS / "clip_features_cpu.json"
-VARIANTS = ("jax", "jax_reference", "jax_headmajor", "jax_chunked", "torch")
+VARIANTS = ("jax", "jax_fused_qkv", "jax_reference", "jax_headmajor", "jax_chunked", "torch")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -252,6 +254,7 @@ def jax_variants(clip, pixels, names, chunk: int) -> tuple[dict, dict, dict]:
     vc, layers = clip.config.vision_config, clip.feature_layers
     jitted = {
         "jax": make_image_encoder(clip),
+        "jax_fused_qkv": make_image_encoder(clip, fuse_qkv=True),
         "jax_reference": make_image_encoder(clip, attention="reference"),
         "jax_headmajor": jax.jit(lambda p, x: plain_features(p, x, vc, layers)),
         "jax_chunked": jax.jit(lambda p, x: plain_features(p, x, vc, layers, chunk)),

@@ -22,10 +22,10 @@ fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1  # JAX and torch share the GPU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 # The tests that skip on CPU: cuDNN attention for CLIP, SAM on CUDA (three attentions x dtypes).
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_clip.py tests/test_sam.py \
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_clip.py tests/test_sam.py \
     -k "cudnn or cuda" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 # Sections run in order of importance; the JSON is rewritten after each, so a timeout keeps them.
-timeout "${TIMEOUT:-470}" python3 benchmarks/run_all.py --workdir /tmp/clipsam_bench \
-    --out "$OUT/run_all_gpu.json" --skip "${SKIP:-train_epoch}" --budget "${BUDGET:-280}" \
+timeout "${TIMEOUT:-440}" python3 benchmarks/run_all.py --workdir /tmp/clipsam_bench \
+    --out "$OUT/run_all_gpu.json" --skip "${SKIP:-train_epoch}" --budget "${BUDGET:-330}" \
     ${ARGS:-} 2>&1 \
     | grep -v "^    round" | tee "$OUT/run_all_log.txt" | tail -40

@@ -31,6 +31,9 @@ all = every class; *_streaming with `metrics="streaming"`; *_arena2 with MALLOC_
 varies from run to run; we attribute it to glibc keeping freed memory in per-thread arenas, the
 loader decoding in a new thread pool per class, since two arenas shrink it). `--runs all#2 --append` repeats a run into the existing JSON.
 
+Classes run one after another (`overlap_classes="off"`, the CPU default): on accelerators the
+default scores a class while the next one's maps are made, holding two classes' maps at once.
+
 Expected: exact mode holds one class at a time (float16 rough maps + bool masks, N × S × S × 3
 bytes, plus the metric computation's temporaries), so the 10,000-image peak is about the
 largest class's, not 10,000 / largest times it; streaming keeps no maps (constant memory).
@@ -253,7 +256,8 @@ def worker(spec_path: Path) -> None:
     config = EvalConfig(dataset="mvtec", data_root=spec["data_root"], output=spec["output"],
                         classes=tuple(spec["classes"]), no_umci=spec["head"] == "zero-shot",
                         metrics=spec["metrics"], visualize_per_class=0, batch_size=spec["batch"],
-                        clip=clip_config, refine=RefineConfig(sam="none"))  # fmt: skip
+                        clip=clip_config, refine=RefineConfig(sam="none"),
+                        overlap_classes="off")  # fmt: skip
     warm_up(config, model)
     segments, per_class = [], []
     original = eval_lib.evaluate_class

@@ -345,6 +345,82 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
     )  # fmt: skip
 
 
+# Candidate changes to the encoder timed by clip_variants: make_image_encoder keywords, a batch
+# factor, XLA compile options (DebugOptions fields, per compilation).
+CLIP_VARIANTS = {
+    "baseline": {},
+    "fused_qkv": {"fuse_qkv": True},
+    "batch_x2": {"batch_factor": 2},
+    "fused_qkv_batch_x2": {"fuse_qkv": True, "batch_factor": 2},
+    "cublaslt": {"options": {"xla_gpu_enable_cublaslt": True}},
+    "fused_qkv_cublaslt": {"fuse_qkv": True, "options": {"xla_gpu_enable_cublaslt": True}},
+    "no_command_buffer": {"options": {"xla_gpu_enable_command_buffer": ""}},
+    "baseline_again": {},  # drift check: the first entry timed again last
+}
+
+
+def clip_variants(run: Run, values: dict, state: dict) -> None:
+    """Candidate changes to the CLIP encoder at the larger batch of clip_encoder with its fastest
+    attention, each compiled and timed in this process: the query/key/value projections as one
+    GEMM, twice the batch, cuBLASLt GEMMs, no CUDA command buffers (`CLIP_VARIANTS`); and the
+    encoder's GEMM shapes and attention core alone, their rates being the ceiling of its MFU.
+    Nothing here changes a library default; a commit citing these figures does."""
+    import jax
+    import numpy as np
+
+    from clipsam_jax.clip.features import attention_core, make_image_encoder
+
+    on_gpu, clip = state["on_gpu"], state["clip"]
+    if not on_gpu and not run.args.quick:
+        values["skipped"] = "GPU only (a full-size batch takes minutes on CPU)"
+        return
+    batch = 4 * run.args.batch if on_gpu else run.args.batch
+    attention = state.get("clip_attention")
+    flops = vit_flops_per_image(clip.config, clip.image_size)
+    values.update(batch=batch, attention=attention)
+    base = None
+    for name, variant in CLIP_VARIANTS.items():
+        size = batch * variant.get("batch_factor", 1)
+        pixels = np.random.default_rng(3).normal(
+            size=(size, clip.image_size, clip.image_size, 3)).astype(np.float32)  # fmt: skip
+        try:
+            encoder = make_image_encoder(clip, attention, fuse_qkv=variant.get("fuse_qkv", False))
+            compiled = encoder.lower(clip.params, pixels).compile(variant.get("options"))
+        except Exception as error:  # e.g. an option this XLA lacks: time the others
+            values[name] = {"error": f"{type(error).__name__}: {error}"[:400]}
+            continue
+        timing = best_of(lambda c=compiled, p=pixels: jax.block_until_ready(c(clip.params, p)),
+                         run.args.repeats)  # fmt: skip
+        rate = size / timing["seconds_median"]
+        base = base or rate
+        values[name] = {**variant, "batch": size, **timing, "images_per_second": rate,
+                        "ratio_to_baseline": rate / base, **_mfu(flops * rate, state)}  # fmt: skip
+    # The encoder's GEMMs (tokens × d @ d × n) and its attention core alone, bf16 on GPUs.
+    vision = clip.config.vision_config
+    d, inner, heads = vision.hidden_size, vision.intermediate_size, vision.num_attention_heads
+    tokens = (clip.image_size // vision.patch_size) ** 2 + 1
+    dtype = clip.module.dtype
+    key = jax.random.PRNGKey(0)
+    shapes = {"q_k_or_v": (d, d), "qkv_fused": (d, 3 * d), "out_proj": (d, d),
+              "mlp_up": (d, inner), "mlp_down": (inner, d)}  # fmt: skip
+    rows = batch * tokens
+    gemms = {}
+    for name, (k, n) in shapes.items():
+        a = jax.random.normal(key, (rows, k), dtype)
+        b = jax.random.normal(key, (k, n), dtype)
+        matmul = jax.jit(lambda x, y: x @ y)
+        seconds = best_of(lambda: matmul(a, b).block_until_ready(), run.args.repeats)["seconds_min"]
+        gemms[name] = {"m_k_n": [rows, k, n], "tflops": 2 * rows * k * n / seconds / 1e12}
+    values["gemm_alone"] = gemms
+    q = jax.random.normal(key, (batch, tokens, heads, d // heads), dtype)
+    core = jax.jit(lambda x: attention_core(attention)(x, x, x, (d // heads) ** -0.5))
+    seconds = best_of(lambda: core(q).block_until_ready(), run.args.repeats)["seconds_min"]
+    values["attention_core_alone"] = {
+        "name": attention, "seconds": seconds,
+        "tflops": 4 * batch * tokens * tokens * d / seconds / 1e12,
+    }  # fmt: skip
+
+
 def _device_kernels(events: list, process_prefix: str) -> dict[str, float]:
     """Seconds per event name of the complete ("X") events on the processes whose name starts
     with `process_prefix`: on a GPU its "Stream" lines (the kernels; its "XLA Ops" and "XLA
@@ -749,11 +825,10 @@ def main(argv=None) -> None:
             values["dtype"] = "bfloat16" if on_gpu else "float32"
     sections = [("setup", setup), ("clip_encoder", clip_stage), ("rough_model", rough_model),
                 ("sam_encoder", sam_encoder), ("end_to_end", end_to_end),
-                ("clip_profile", clip_profile),
-                ("stage_costs", stage_costs), ("torch_reference", torch_reference),
-                ("bf16_effect", bf16_effect), ("sam_compile", sam_compile),
-                ("end_to_end_compiled", end_to_end_compiled),
-                ("train_epoch", train_epoch)]  # fmt: skip
+                ("end_to_end_compiled", end_to_end_compiled), ("clip_profile", clip_profile),
+                ("clip_variants", clip_variants), ("stage_costs", stage_costs),
+                ("torch_reference", torch_reference), ("bf16_effect", bf16_effect),
+                ("sam_compile", sam_compile), ("train_epoch", train_epoch)]  # fmt: skip
     for name, fn in sections:
         if name != "setup" and "clip" not in state:
             run.report["skipped"].append(name)

@@ -148,6 +148,10 @@ class EvalConfig:
     # "exact": per-class metrics over all pixels (memory: the largest class's maps);
     # "streaming": binned, APPROXIMATE pixel metrics in constant memory (huge classes).
     metrics: Literal["exact", "streaming"] = "exact"
+    # Exact metrics of a class (host threads) while the next class's maps are computed, so the
+    # accelerator does not wait for them; memory: two classes' maps at once. auto = on when JAX
+    # runs on an accelerator (on CPU both compete for the same cores).
+    overlap_classes: Literal["auto", "on", "off"] = "auto"
     save_maps: bool = False
     visualize_per_class: int = 4
     batch_size: int = 8

@@ -15,6 +15,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -72,6 +73,7 @@ def _json_safe(values: dict) -> dict:
 def _class_key(config: EvalConfig, model: RoughMapModel) -> str:
     """Identity of a class result: everything that changes the maps, not where they go."""
     values = config_lib.to_dict(dataclasses.replace(config, output=None, classes=None))
+    del values["overlap_classes"]  # scheduling only
     values["clip_fingerprint"] = model.clip.fingerprint
     values["head"] = None if model.head_config is None else dataclasses.asdict(model.head_config)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -99,6 +101,15 @@ def _panel_indices(samples: list[Sample], count: int) -> set[int]:
     return set((anomalous + normal)[:count])
 
 
+class ClassMaps(NamedTuple):
+    """One class's maps as evaluated: `rough`, `final` (None without SAM) float16 (N, S, S),
+    `masks` bool (N, S, S)."""
+
+    rough: np.ndarray
+    final: np.ndarray | None
+    masks: np.ndarray
+
+
 def evaluate_class(
     name: str,
     samples: list[Sample],
@@ -109,10 +120,24 @@ def evaluate_class(
     progress: bool = True,
 ) -> dict:
     """Rough (and final) maps of one class, their metrics, and the requested files."""
-    size = model.clip.image_size
-    count = len(samples)
     if config.metrics == "streaming":
         return _evaluate_class_streaming(name, samples, model, refiner, config, output, progress)
+    maps = class_maps(name, samples, model, refiner, config, output, progress)
+    return class_result(name, samples, maps, config, output)
+
+
+def class_maps(
+    name: str,
+    samples: list[Sample],
+    model: RoughMapModel,
+    refiner,
+    config: EvalConfig,
+    output: Path,
+    progress: bool = True,
+) -> ClassMaps:
+    """The rough (and final) maps of one class and its masks, writing its panels."""
+    size = model.clip.image_size
+    count = len(samples)
     rough = np.zeros((count, size, size), np.float16)
     final = np.zeros((count, size, size), np.float16) if refiner is not None else None
     masks = np.zeros((count, size, size), bool)
@@ -140,24 +165,33 @@ def evaluate_class(
     for batch, maps in rough_maps_ahead(loader, model):
         finish(batch, maps)
     bar.close()
-    entry = {"n_images": count, "n_anomalous": int(sum(s.label for s in samples))}
-    stages = {"rough": rough} if final is None else {"rough": rough, "final": final}
+    return ClassMaps(rough, final, masks)
+
+
+def class_result(
+    name: str, samples: list[Sample], maps: ClassMaps, config: EvalConfig, output: Path
+) -> dict:
+    """Exact metrics of one class's maps (and maps/<class>.npz with --save-maps)."""
+    entry = {"n_images": len(samples), "n_anomalous": int(sum(s.label for s in samples))}
+    stages = {"rough": maps.rough}
+    if maps.final is not None:
+        stages["final"] = maps.final
     # The two stages' metrics in parallel: their sorts and reductions release the GIL, and
     # they are host time during which the accelerator idles (0.13 s per stage for a 20-image
     # class at 518², 1.2 s for 200 images). Their temporaries (about 325 MiB per 200 maps of
     # 518²) are then held twice at once; the maps themselves are not copied.
     with ThreadPoolExecutor(len(stages), thread_name_prefix="metrics") as pool:
-        futures = {stage: pool.submit(compute_metrics, maps, masks, config.pro_mode)
-                   for stage, maps in stages.items()}  # fmt: skip
+        futures = {stage: pool.submit(compute_metrics, values, maps.masks, config.pro_mode)
+                   for stage, values in stages.items()}  # fmt: skip
     result = {stage: {**_json_safe(future.result()), **entry} for stage, future in futures.items()}
     if config.save_maps:
         arrays = {
-            "rough": rough,
-            "masks": masks,
+            "rough": maps.rough,
+            "masks": maps.masks,
             "paths": np.array([str(s.image_path) for s in samples]),
         }
-        if final is not None:
-            arrays["final"] = final
+        if maps.final is not None:
+            arrays["final"] = maps.final
         (output / "maps").mkdir(parents=True, exist_ok=True)
         np.savez_compressed(output / "maps" / f"{name}.npz", **arrays)
     return result
@@ -237,6 +271,7 @@ def evaluate(
     (output / "classes").mkdir(parents=True, exist_ok=True)
     key = _class_key(config, model)
     per_class = {}
+    todo = []
     for name in sorted(dataset):
         record = output / "classes" / f"{name}.json"
         if record.is_file():
@@ -246,10 +281,19 @@ def evaluate(
                 logger.info("%s: reusing the result in %s", name, record)
                 per_class[name] = saved["result"]
                 continue
-        per_class[name] = evaluate_class(
-            name, dataset[name], model, refiner, config, output, progress
-        )
-        record.write_text(json.dumps({"key": key, "result": per_class[name]}, indent=2))
+        todo.append(name)
+
+    def keep(name: str, result: dict) -> None:
+        per_class[name] = result
+        record = output / "classes" / f"{name}.json"
+        record.write_text(json.dumps({"key": key, "result": result}, indent=2))
+
+    if overlap_classes(config):
+        _evaluate_overlapped(todo, dataset, model, refiner, config, output, progress, keep)
+    else:
+        for name in todo:
+            keep(name, evaluate_class(name, dataset[name], model, refiner, config, output, progress))
+    per_class = {name: per_class[name] for name in sorted(per_class)}
 
     report = {
         "dataset": config.dataset,
@@ -269,6 +313,47 @@ def evaluate(
     (output / "table.md").write_text(markdown)
     (output / "table.csv").write_text(csv)
     return report
+
+
+def overlap_classes(config: EvalConfig) -> bool:
+    """Whether `evaluate` computes a class's metrics while the next class's maps are made:
+    config.overlap_classes, "auto" = on accelerators (exact metrics only)."""
+    if config.metrics != "exact" or config.overlap_classes == "off":
+        return False
+    if config.overlap_classes == "on":
+        return True
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
+def _evaluate_overlapped(todo, dataset, model, refiner, config, output, progress, keep) -> None:
+    """`evaluate_class` of each class in `todo`, a class's metrics (host threads) running while
+    the next class's maps are computed (accelerator), so neither waits for the other; at most
+    two classes' maps are held. `keep(name, result)` records each class in order; a failure
+    records the classes finished before it, then raises."""
+    with ThreadPoolExecutor(1, thread_name_prefix="class-metrics") as scorer:
+        pending = None  # (name, future) of the class being scored
+
+        def settle() -> None:
+            nonlocal pending
+            if pending is not None:
+                name, future = pending
+                pending = None
+                keep(name, future.result())
+
+        try:
+            for name in todo:
+                samples = dataset[name]
+                maps = class_maps(name, samples, model, refiner, config, output, progress)
+                settle()
+                pending = (name, scorer.submit(class_result, name, samples, maps, config, output))
+                del maps
+            settle()
+        except BaseException:
+            if pending is not None and pending[1].exception() is None:
+                settle()  # a failure in the next class keeps the one already scored
+            raise
 
 
 def _nan(rows: dict | None) -> dict | None:

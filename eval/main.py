@@ -53,6 +53,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default="exact",
         help="streaming: binned APPROXIMATE pixel metrics in constant memory (huge sets)",
     )
+    add(
+        "--overlap-classes",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="score a class while the next one's maps are made (auto: on accelerators; "
+        "memory: two classes' maps)",
+    )
     add("--save-maps", action="store_true", help="write maps/<class>.npz")
     add("--panels", type=int, default=4, help="visualized images per class")
     add("--seed", type=int, default=0)
@@ -79,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = EvalConfig(
         dataset=args.test, data_root=args.data_root, checkpoint=args.checkpoint,
         output=args.output, no_umci=args.no_umci, pro_mode=args.pro, save_maps=args.save_maps,
-        metrics=args.metrics,
+        metrics=args.metrics, overlap_classes=args.overlap_classes,
         visualize_per_class=args.panels, batch_size=args.batch_size, seed=args.seed,
         classes=tuple(c for c in args.classes.split(",") if c) if args.classes else None,
         clip=dataclasses.replace(ClipConfig(), **overrides), refine=cli.refine_config(args),

@@ -289,6 +289,15 @@ def test_attention_implementations_match_reference(tiny_clip_dir, attention, mon
         assert relative_error(a, b) < 1e-5
     assert relative_error(other.image_embeds, reference.image_embeds) < 1e-5
     assert len(calls) == clip.config.vision_config.num_hidden_layers  # every layer intercepted
+    # The query, key and value projections as one GEMM: the same features.
+    fused_qkv = make_image_encoder(clip, fuse_qkv=True)
+    jaxpr = str(jax.make_jaxpr(fused_qkv)(clip.params, pixels))
+    separate = str(jax.make_jaxpr(make_image_encoder(clip))(clip.params, pixels))
+    layers = clip.config.vision_config.num_hidden_layers
+    assert separate.count("dot_general") - jaxpr.count("dot_general") == 2 * layers
+    fused_out = fused_qkv(clip.params, pixels)
+    for a, b in zip(fused_out.patch_tokens, reference.patch_tokens):
+        assert relative_error(a, b) < 1e-5
 
 
 def test_attention_choice():
@@ -339,5 +348,6 @@ def test_cudnn_attention_matches_reference(tiny_clip_dir):
     pixels = np.random.default_rng(3).normal(size=(2, 112, 112, 3)).astype(np.float32)
     reference = make_image_encoder(clip, attention="reference")(clip.params, pixels)
     fused = make_image_encoder(clip, attention="cudnn")(clip.params, pixels)
-    for a, b in zip(fused.patch_tokens, reference.patch_tokens):
-        assert relative_error(a, b) < 2e-2
+    fused_qkv = make_image_encoder(clip, attention="cudnn", fuse_qkv=True)(clip.params, pixels)
+    for a, b, c in zip(fused.patch_tokens, reference.patch_tokens, fused_qkv.patch_tokens):
+        assert relative_error(a, b) < 2e-2 and relative_error(c, b) < 2e-2

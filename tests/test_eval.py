@@ -100,6 +100,26 @@ def test_streaming_metrics_approximate_exact_ones(synthetic_data, trained_head, 
             assert ours[key] == pytest.approx(reference[key], abs=2e-3), (stage, key)
 
 
+def test_overlapped_classes_give_the_serial_results(synthetic_data, trained_head, tmp_path):
+    """Scoring a class while the next one's maps are made (the accelerator default) changes
+    the schedule only: the same metrics, records and saved maps as one class after another."""
+    extra = ("--sam", "tiny-random", "--panels", "0", "--save-maps")
+    serial = eval_main(eval_args(synthetic_data, trained_head, tmp_path / "serial", *extra,
+                                 "--overlap-classes", "off"))  # fmt: skip
+    overlapped = eval_main(eval_args(synthetic_data, trained_head, tmp_path / "overlap", *extra,
+                                     "--overlap-classes", "on"))  # fmt: skip
+    for stage in ("rough", "final"):
+        assert overlapped[stage] == serial[stage]
+    assert list(overlapped["rough"]["classes"]) == ["candle", "cashew", "pcb1"]
+    for name in ("candle", "cashew", "pcb1"):
+        ours = json.loads((tmp_path / "overlap" / "classes" / f"{name}.json").read_text())
+        theirs = json.loads((tmp_path / "serial" / "classes" / f"{name}.json").read_text())
+        assert ours == theirs
+        a, b = np.load(tmp_path / "overlap" / "maps" / f"{name}.npz"), np.load(
+            tmp_path / "serial" / "maps" / f"{name}.npz")  # fmt: skip
+        np.testing.assert_array_equal(a["final"], b["final"])
+
+
 def test_rerun_reuses_finished_classes(synthetic_data, trained_head, tmp_path, monkeypatch):
     args = eval_args(synthetic_data, trained_head, tmp_path, "--sam", "none", "--panels", "0",
                      "--classes", "candle,cashew")  # fmt: skip
@@ -109,20 +129,24 @@ def test_rerun_reuses_finished_classes(synthetic_data, trained_head, tmp_path, m
         raise AssertionError("finished classes must be reused")
 
     monkeypatch.setattr(eval_lib, "evaluate_class", no_recompute)
+    monkeypatch.setattr(eval_lib, "class_maps", no_recompute)  # the overlapped schedule's
     assert eval_main(args)["rough"] == first["rough"]
+    assert eval_main([*args, "--overlap-classes", "on"])["rough"] == first["rough"]
     with pytest.raises(AssertionError):  # another setting changes the maps: recomputed
         eval_main([*args, "--threshold", "0.3"])
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])
 def test_unreadable_image_names_file_and_keeps_finished_classes(
-    synthetic_data, trained_head, tmp_path, capsys
+    synthetic_data, trained_head, tmp_path, capsys, overlap
 ):
     data = tmp_path / "visa"
     shutil.copytree(synthetic_data / "visa", data)
     broken = sorted((data / "pcb1" / "Data" / "Images" / "Anomaly").iterdir())[0]
     broken.write_bytes(b"not a jpeg")
     args = ["--test", "visa", "--data-root", str(data), "--checkpoint", str(trained_head),
-            "--output", str(tmp_path / "out"), "--sam", "none", "--panels", "0", *COMMON]  # fmt: skip
+            "--output", str(tmp_path / "out"), "--sam", "none", "--panels", "0", *COMMON,
+            "--overlap-classes", overlap]  # fmt: skip
     assert cli.run(eval_main, args) == 2
     assert f"{broken}: cannot decode" in capsys.readouterr().err
     done = sorted(p.stem for p in (tmp_path / "out" / "classes").glob("*.json"))

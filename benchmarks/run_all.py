@@ -405,11 +405,12 @@ def clip_variants(run: Run, values: dict, state: dict) -> None:
               "mlp_up": (d, inner), "mlp_down": (inner, d)}  # fmt: skip
     rows = batch * tokens
     gemms = {}
+    matmul = jax.jit(lambda x, y: x @ y)
     for name, (k, n) in shapes.items():
         a = jax.random.normal(key, (rows, k), dtype)
         b = jax.random.normal(key, (k, n), dtype)
-        matmul = jax.jit(lambda x, y: x @ y)
-        seconds = best_of(lambda: matmul(a, b).block_until_ready(), run.args.repeats)["seconds_min"]
+        seconds = best_of(lambda a=a, b=b: matmul(a, b).block_until_ready(),
+                          run.args.repeats)["seconds_min"]  # fmt: skip
         gemms[name] = {"m_k_n": [rows, k, n], "tflops": 2 * rows * k * n / seconds / 1e12}
     values["gemm_alone"] = gemms
     q = jax.random.normal(key, (batch, tokens, heads, d // heads), dtype)

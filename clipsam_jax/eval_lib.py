@@ -292,7 +292,9 @@ def evaluate(
         _evaluate_overlapped(todo, dataset, model, refiner, config, output, progress, keep)
     else:
         for name in todo:
-            keep(name, evaluate_class(name, dataset[name], model, refiner, config, output, progress))
+            keep(
+                name, evaluate_class(name, dataset[name], model, refiner, config, output, progress)
+            )
     per_class = {name: per_class[name] for name in sorted(per_class)}
 
     report = {

@@ -826,8 +826,8 @@ def main(argv=None) -> None:
             values["dtype"] = "bfloat16" if on_gpu else "float32"
     sections = [("setup", setup), ("clip_encoder", clip_stage), ("rough_model", rough_model),
                 ("sam_encoder", sam_encoder), ("end_to_end", end_to_end),
-                ("end_to_end_compiled", end_to_end_compiled), ("clip_profile", clip_profile),
-                ("clip_variants", clip_variants), ("stage_costs", stage_costs),
+                ("clip_profile", clip_profile), ("clip_variants", clip_variants),
+                ("end_to_end_compiled", end_to_end_compiled), ("stage_costs", stage_costs),
                 ("torch_reference", torch_reference), ("bf16_effect", bf16_effect),
                 ("sam_compile", sam_compile), ("train_epoch", train_epoch)]  # fmt: skip
     for name, fn in sections:

@@ -23,7 +23,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1  # JAX and torch s
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 # The tests that skip on CPU: cuDNN attention for CLIP, SAM on CUDA (three attentions x dtypes).
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_clip.py tests/test_sam.py \
-    -k "cudnn or cuda" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    -k "${TESTS:-cudnn or cuda}" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 # Sections run in order of importance; the JSON is rewritten after each, so a timeout keeps them.
 timeout "${TIMEOUT:-440}" python3 benchmarks/run_all.py --workdir /tmp/clipsam_bench \
     --out "$OUT/run_all_gpu.json" --skip "${SKIP:-train_epoch}" --budget "${BUDGET:-330}" \

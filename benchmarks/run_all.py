@@ -244,7 +244,7 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
     import jax
     import numpy as np
 
-    from clipsam_jax.clip.features import make_image_encoder, resolve_attention
+    from clipsam_jax.clip.features import make_image_encoder, resolve_attention, resolve_fuse_qkv
 
     clip = state["clip"]
     flops = vit_flops_per_image(clip.config, clip.image_size)
@@ -274,7 +274,8 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
             rate = batch / timing["seconds_median"]
             entry = {**timing, "images_per_second": rate, "compile_seconds": compile_seconds,
                      "xla_cost_analysis_flops_per_image": float(cost.get("flops", 0.0)) / batch,
-                     "achieved_tflops": flops * rate / 1e12, **_mfu(flops * rate, state)}  # fmt: skip
+                     "achieved_tflops": flops * rate / 1e12, **_mfu(flops * rate, state),
+                     "fuse_qkv": resolve_fuse_qkv(None, name)}  # fmt: skip
             values[f"batch{batch}_{name}_attention"] = entry
             if batch == run.args.batch:
                 fastest[name] = rate
@@ -298,7 +299,7 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
     import jax
     import numpy as np
 
-    from clipsam_jax.clip.features import make_image_encoder
+    from clipsam_jax.clip.features import make_image_encoder, resolve_fuse_qkv
 
     on_gpu, clip = state["on_gpu"], state["clip"]
     if not on_gpu and not run.args.quick:
@@ -323,6 +324,8 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
             events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     kernels = _device_kernels(events, "/device:GPU" if on_gpu else "/host:CPU")
+    if not kernels:  # e.g. CUPTI held by torch.profiler, which ran earlier in this process
+        raise RuntimeError("the trace holds no device kernels (see the log for CUPTI errors)")
     busy = sum(kernels.values()) / calls
     kinds = dict.fromkeys([k for k, _ in KERNEL_KINDS] + ["other"], 0.0)
     for name, seconds in kernels.items():
@@ -336,6 +339,7 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
     values.update(
         batch=batch, attention=attention, wall_seconds_per_call=wall,
+        fuse_qkv=resolve_fuse_qkv(None, attention),
         device_busy_seconds_per_call=busy, device_busy_share=busy / wall,
         seconds_per_call_by_kind=kinds,
         share_by_kind={k: v / busy for k, v in kinds.items()} if busy else {},
@@ -352,6 +356,8 @@ CLIP_VARIANTS = {
     "fused_qkv": {"fuse_qkv": True},
     "batch_x2": {"batch_factor": 2},
     "fused_qkv_batch_x2": {"fuse_qkv": True, "batch_factor": 2},
+    "batch_x4": {"batch_factor": 4},
+    "fused_qkv_batch_x4": {"fuse_qkv": True, "batch_factor": 4},
     "cublaslt": {"options": {"xla_gpu_enable_cublaslt": True}},
     "fused_qkv_cublaslt": {"fuse_qkv": True, "options": {"xla_gpu_enable_cublaslt": True}},
     "no_command_buffer": {"options": {"xla_gpu_enable_command_buffer": ""}},
@@ -530,8 +536,10 @@ def _time_evaluate(run: Run, values: dict, state: dict, compile_backend: str | N
     refine = RefineConfig(sam=variant, sam_dtype=sam_dtype or "fp32", threshold=threshold,
                           sam_attention=attention, sam_images_per_call=args.sam_batch,
                           sam_compile=compile_backend is not None)  # fmt: skip
+    waits = _instrument_evaluate(state)
     for attempt in ("warm", "timed"):  # the first pass compiles; the second is measured
         refiner.reset_timers()
+        waits.update(mmr=0.0, rough_maps=0.0)
         output = Path(args.workdir) / f"results_{attempt}"
         shutil.rmtree(output, ignore_errors=True)  # no class results reused from earlier runs
         config = EvalConfig(dataset="visa", data_root=str(state["data"]), output=str(output),
@@ -543,6 +551,12 @@ def _time_evaluate(run: Run, values: dict, state: dict, compile_backend: str | N
         seconds = time.perf_counter() - began
         values[f"{attempt}_seconds"] = seconds
     count = len(state["samples"])
+    # Where the main thread's wall time went: MMR (prompts, SAM, fusion), waiting for the next
+    # batch's rough maps (loading + CLIP + head), the rest (the last class's metrics, records).
+    values["main_thread_seconds"] = {
+        "mmr_including_sam": waits["mmr"], "waiting_for_rough_maps": waits["rough_maps"],
+        "other": seconds - waits["mmr"] - waits["rough_maps"],
+    }  # fmt: skip
     values.update(seconds=seconds, images=count, images_per_second=count / seconds,
                   sam_variant=variant, sam_dtype=sam_dtype or "fp32", sam_attention=refiner.attention,
                   sam_preprocess_seconds=refiner.preprocess_seconds,
@@ -556,6 +570,37 @@ def _time_evaluate(run: Run, values: dict, state: dict, compile_backend: str | N
         flops = _sam_encoder_flops(sam)
         values["sam_encoder_flops_per_image"] = flops
         values.update({f"sam_{k}": v for k, v in _mfu(flops * sam_rate, state).items()})
+
+
+def _instrument_evaluate(state: dict) -> dict:
+    """Wraps eval_lib's `mmr_batch` and `rough_maps_ahead` (once per process) to add their wall
+    seconds on the calling thread to the returned dict's "mmr" and "rough_maps"."""
+    from clipsam_jax import eval_lib
+
+    if "evaluate_waits" in state:
+        return state["evaluate_waits"]
+    waits = state["evaluate_waits"] = {"mmr": 0.0, "rough_maps": 0.0}
+    mmr_batch, rough_maps_ahead = eval_lib.mmr_batch, eval_lib.rough_maps_ahead
+
+    def timed_mmr_batch(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return mmr_batch(*args, **kwargs)
+        finally:
+            waits["mmr"] += time.perf_counter() - began
+
+    def timed_rough_maps_ahead(*args, **kwargs):
+        items = rough_maps_ahead(*args, **kwargs)
+        while True:
+            began = time.perf_counter()
+            item = next(items, None)
+            waits["rough_maps"] += time.perf_counter() - began
+            if item is None:
+                return
+            yield item
+
+    eval_lib.mmr_batch, eval_lib.rough_maps_ahead = timed_mmr_batch, timed_rough_maps_ahead
+    return waits
 
 
 def _sam(run: Run, state: dict):
@@ -824,9 +869,11 @@ def main(argv=None) -> None:
             )
             state["measured_peak"] = max(values["jax_tflops"], values["torch_tflops"]) * 1e12
             values["dtype"] = "bfloat16" if on_gpu else "float32"
-    sections = [("setup", setup), ("clip_encoder", clip_stage), ("rough_model", rough_model),
+    # clip_profile before sam_encoder: torch.profiler there keeps CUPTI, which jax.profiler needs.
+    sections = [("setup", setup), ("clip_encoder", clip_stage), ("clip_profile", clip_profile),
+                ("rough_model", rough_model),
                 ("sam_encoder", sam_encoder), ("end_to_end", end_to_end),
-                ("clip_profile", clip_profile), ("clip_variants", clip_variants),
+                ("clip_variants", clip_variants),
                 ("end_to_end_compiled", end_to_end_compiled), ("stage_costs", stage_costs),
                 ("torch_reference", torch_reference), ("bf16_effect", bf16_effect),
                 ("sam_compile", sam_compile), ("train_epoch", train_epoch)]  # fmt: skip

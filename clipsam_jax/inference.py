@@ -18,7 +18,12 @@ from jax.sharding import Mesh
 
 from clipsam_jax import config as config_lib
 from clipsam_jax.checkpoint import load_head
-from clipsam_jax.clip.features import AttentionImpl, resolve_attention, vision_forward
+from clipsam_jax.clip.features import (
+    AttentionImpl,
+    resolve_attention,
+    resolve_fuse_qkv,
+    vision_forward,
+)
 from clipsam_jax.clip.loading import ClipModel, load_clip
 from clipsam_jax.clip.prompts import TextFeatures
 from clipsam_jax.config import ClipConfig, HeadConfig
@@ -62,11 +67,12 @@ class RoughMapModel:
 
         to_rough_map = head_rough_map(self.head_config)
         attention = resolve_attention(self.attention or clip.attention, clip.module.dtype)
+        fuse_qkv = resolve_fuse_qkv(None, attention)
 
         def forward(clip_params, head_params, pixels, text):
             features = clip.module.apply(
                 {"params": clip_params}, pixels.astype(clip.module.dtype), layers, attention,
-                method=vision_forward,
+                fuse_qkv, method=vision_forward,
             )  # fmt: skip
             if head is None:
                 logits = zero_shot_logits(clip, clip_params, features.patch_tokens, text)

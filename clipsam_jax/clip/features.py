@@ -194,17 +194,29 @@ def vision_forward(
     return ImageFeatures(tokens, module.visual_projection(out.pooler_output))
 
 
+def resolve_fuse_qkv(fuse_qkv: bool | None, attention: str) -> bool:
+    """Whether the encoder computes q, k, v as one GEMM (`vision_forward`); None = with cuDNN's
+    attention. On an H200 in bf16 with cuDNN's attention at S=518 the three separate GEMMs ran at
+    313 TFLOP/s alone against 531 for the fused one; in the encoder, 395 against 386 images/s at
+    batch 64 and 357 against 358 at batch 32 (within run-to-run drift). On 2 CPU cores with the
+    blocked attention it was not faster (benchmarks/results/clip_features_cpu_fused_qkv.json)."""
+    if fuse_qkv is None:
+        return attention == "cudnn"
+    return bool(fuse_qkv) and attention != "reference"
+
+
 def make_image_encoder(
-    clip: ClipModel, attention: AttentionImpl | None = None, fuse_qkv: bool = False
+    clip: ClipModel, attention: AttentionImpl | None = None, fuse_qkv: bool | None = None
 ):
     """A jitted `fn(params, pixels (B, S, S, 3) float32) -> ImageFeatures` for this CLIP.
 
     attention: see `resolve_attention`; None = the one `clip` was loaded with (default "auto":
     "blocked" on CPU, cuDNN's fused kernel on GPUs in bf16/fp16 where it compiles).
-    fuse_qkv: see `vision_forward`.
+    fuse_qkv: see `vision_forward`; None = `resolve_fuse_qkv`'s choice.
     """
     layers = clip.feature_layers
     attention = resolve_attention(attention or clip.attention, clip.module.dtype)
+    fuse_qkv = resolve_fuse_qkv(fuse_qkv, attention)
 
     @jax.jit
     def encode(params, pixels):

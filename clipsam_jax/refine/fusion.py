@@ -15,7 +15,9 @@ refiner of the tests run without torch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -28,6 +30,9 @@ from clipsam_jax.refine.prompts import Prompts, extract_prompts
 Norm = Literal["max", "minmax", "none"]
 NORMS = ("max", "minmax", "none")
 _CV_MAX_CHANNELS = 4  # cv2.resize asserts cn <= 4 (OpenCV 5), so masks go 4 at a time
+# Host threads of mmr_batch's per-image work (prompts, fusion): OpenCV, SciPy and numpy's
+# large-array loops release the GIL, so images proceed in parallel while SAM's GPU idles.
+_MAX_HOST_THREADS = 8
 
 
 def masks_to_grid(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -205,7 +210,9 @@ def mmr_batch(
     each image draws its points from its own generator, so batching changes no prompt (the
     masks are equal as far as the refiner's kernels are batch-invariant; see `SamRefiner`). A
     refiner with `refine_batch` (SamRefiner: one batched image-encoder pass) gets the images
-    with boxes in one call; any other `MaskRefiner` is called image by image.
+    with boxes in one call; any other `MaskRefiner` is called image by image. The images'
+    prompts and fusions run in host threads (up to `_MAX_HOST_THREADS`), the refiner on the
+    calling thread.
 
     Args:
       roughs: float (B, S, S) rough maps in [0, 1] (or B maps of possibly different grids).
@@ -219,26 +226,29 @@ def mmr_batch(
     """
     if not len(roughs) == len(images) == len(rngs):
         raise ValueError(f"batch sizes differ: {len(roughs)}, {len(images)}, {len(rngs)}")
-    prompts = [
-        _prompts_for(rough, image, config, rng)
-        for rough, image, rng in zip(roughs, images, rngs, strict=True)
-    ]
-    todo = [n for n, p in enumerate(prompts) if p.num_boxes > 0]
-    if not todo:
-        refined = []  # nothing to refine: no call at all, not even an empty batch
-    elif hasattr(refiner, "refine_batch"):
-        refined = refiner.refine_batch(
-            [images[n] for n in todo], [prompts[n] for n in todo], multimask=config.multimask
-        )
-    else:
-        refined = [refiner.refine(images[n], prompts[n], multimask=config.multimask) for n in todo]
-    by_image = dict(zip(todo, refined, strict=True))
-    results = []
-    for n, (rough, p) in enumerate(zip(roughs, prompts, strict=True)):
-        masks, scores = by_image[n] if n in by_image else _no_masks(config, p.image_hw)
-        final = fuse(rough, masks, scores, norm=config.fusion_norm)
-        results.append(MMRResult(final=final, prompts=p, masks=masks, scores=scores))
-    return results
+    workers = max(1, min(len(images), os.cpu_count() or 1, _MAX_HOST_THREADS))
+    with ThreadPoolExecutor(workers, thread_name_prefix="mmr") as pool:
+        prompts = list(pool.map(lambda n: _prompts_for(roughs[n], images[n], config, rngs[n]),
+                                range(len(images))))  # fmt: skip
+        todo = [n for n, p in enumerate(prompts) if p.num_boxes > 0]
+        if not todo:
+            refined = []  # nothing to refine: no call at all, not even an empty batch
+        elif hasattr(refiner, "refine_batch"):
+            refined = refiner.refine_batch(
+                [images[n] for n in todo], [prompts[n] for n in todo], multimask=config.multimask
+            )
+        else:
+            refined = [refiner.refine(images[n], prompts[n], multimask=config.multimask)
+                       for n in todo]  # fmt: skip
+        by_image = dict(zip(todo, refined, strict=True))
+
+        def result(n: int) -> MMRResult:
+            p = prompts[n]
+            masks, scores = by_image[n] if n in by_image else _no_masks(config, p.image_hw)
+            final = fuse(roughs[n], masks, scores, norm=config.fusion_norm)
+            return MMRResult(final=final, prompts=p, masks=masks, scores=scores)
+
+        return list(pool.map(result, range(len(prompts))))
 
 
 def _no_masks(config: RefineConfig, image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

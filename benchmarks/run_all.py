@@ -498,6 +498,7 @@ def end_to_end(run: Run, values: dict, state: dict) -> None:
     """`evaluate` on the generated set: data → CLIP+UMCI → MMR with SAM → metrics."""
     _time_evaluate(run, values, state, compile_backend=None)
     state["end_to_end_images_per_second"] = values["images_per_second"]
+    state["end_to_end_counts"] = (values["images"], values["sam_images_encoded"])
 
 
 def end_to_end_compiled(run: Run, values: dict, state: dict) -> None:
@@ -780,6 +781,18 @@ def torch_reference(run: Run, values: dict, state: dict) -> None:
         values["jax_over_torch_fp32_clip_head_speedup"] = (
             jax_rate / values["clip_head_fp32"]["images_per_second"]
         )
+    counts = state.get("end_to_end_counts")  # (images, images through SAM) of end_to_end
+    if counts and "sam_stock_seconds_per_image_3_boxes_fp32" in values:
+        # The PyTorch path on end_to_end's set, ESTIMATED as its stages' sum (no overlap, no
+        # loading or metrics): CLIP + head in fp32, stock SAM per image with 3 boxes in fp32.
+        images, through_sam = counts
+        seconds = (images / values["clip_head_fp32"]["images_per_second"]
+                   + through_sam * values["sam_stock_seconds_per_image_3_boxes_fp32"])  # fmt: skip
+        values["end_to_end_estimate"] = {
+            "images": images, "images_through_sam": through_sam, "seconds": seconds,
+            "images_per_second": images / seconds,
+            "jax_path_speedup": state["end_to_end_images_per_second"] * seconds / images,
+        }  # fmt: skip
 
 
 def bf16_effect(run: Run, values: dict, state: dict) -> None:

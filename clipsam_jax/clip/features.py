@@ -196,10 +196,11 @@ def vision_forward(
 
 def resolve_fuse_qkv(fuse_qkv: bool | None, attention: str) -> bool:
     """Whether the encoder computes q, k, v as one GEMM (`vision_forward`); None = with cuDNN's
-    attention. On an H200 in bf16 with cuDNN's attention at S=518 the three separate GEMMs ran at
-    313 TFLOP/s alone against 531 for the fused one; in the encoder, 395 against 386 images/s at
-    batch 64 and 357 against 358 at batch 32 (within run-to-run drift). On 2 CPU cores with the
-    blocked attention it was not faster (benchmarks/results/clip_features_cpu_fused_qkv.json)."""
+    attention. On an H200 in bf16 with cuDNN's attention at S=518, alone, the fused GEMM ran at
+    531 / 483 TFLOP/s against 313 / 358 for each of the three (two runs); in the encoder, 1.02x
+    the images/s at batch 64 in both runs (395 vs 386, 388 vs 381), 1.00x / 1.02x at batch 32,
+    1.01x at 128 (benchmarks/results/run_all_h200_run{5,6}.json, `clip_variants`). On 2 CPU
+    cores with the blocked attention it was not faster (clip_features_cpu_fused_qkv.json)."""
     if fuse_qkv is None:
         return attention == "cudnn"
     return bool(fuse_qkv) and attention != "reference"

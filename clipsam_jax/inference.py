@@ -20,6 +20,7 @@ from clipsam_jax import config as config_lib
 from clipsam_jax.checkpoint import load_head
 from clipsam_jax.clip.features import (
     AttentionImpl,
+    device_pixels,
     resolve_attention,
     resolve_fuse_qkv,
     vision_forward,
@@ -70,8 +71,9 @@ class RoughMapModel:
         fuse_qkv = resolve_fuse_qkv(None, attention)
 
         def forward(clip_params, head_params, pixels, text):
+            pixels = device_pixels(pixels).astype(clip.module.dtype)  # uint8: normalized here
             features = clip.module.apply(
-                {"params": clip_params}, pixels.astype(clip.module.dtype), layers, attention,
+                {"params": clip_params}, pixels, layers, attention,
                 fuse_qkv, method=vision_forward,
             )  # fmt: skip
             if head is None:
@@ -85,7 +87,8 @@ class RoughMapModel:
     def submit(self, images: np.ndarray, class_names: Sequence[str | None]) -> list:
         """Dispatch the rough maps of a batch without waiting for them (JAX runs them
         asynchronously, so the caller can run SAM on the previous batch meanwhile); `collect`
-        returns them. images float32 (B, S, S, 3) normalized.
+        returns them. images float32 (B, S, S, 3) normalized, or the resized uint8 (B, S, S, 3)
+        RGB, normalized on the device (a quarter of the bytes to copy; the same arithmetic).
 
         Batches are padded to `batch_size` (a multiple of the device count) so every call
         reuses one compiled shape; each device computes its slice of the batch.
@@ -111,7 +114,7 @@ class RoughMapModel:
         return np.concatenate([to_host(out)[:valid].astype(np.float32) for out, valid in pending])
 
     def __call__(self, images: np.ndarray, class_names: Sequence[str | None]) -> np.ndarray:
-        """images float32 (B, S, S, 3) normalized → rough maps float32 (B, S, S) in [0, 1]."""
+        """images (B, S, S, 3) as `submit` takes them → rough maps float32 (B, S, S) in [0, 1]."""
         return self.collect(self.submit(images, class_names))
 
 
@@ -122,8 +125,8 @@ def rough_maps_ahead(
     batch's maps are dispatched before the current one is handed out, so CLIP + head compute
     them (asynchronously, in JAX) while the caller runs SAM on the current one (PyTorch).
 
-    Each batch is a dict with "images" float32 (B, S, S, 3) normalized and "class_names" (B);
-    it is handed back as it came, with its maps.
+    Each batch is a dict with "images" (B, S, S, 3) as `RoughMapModel.submit` takes them and
+    "class_names" (B); it is handed back as it came, with its maps.
     """
     previous = None
     for batch in batches:

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from clipsam_jax import config as config_lib
 from clipsam_jax.clip.prompts import object_name
 from clipsam_jax.config import ClipConfig, RefineConfig
-from clipsam_jax.data.image_io import IMAGE_SUFFIXES, preprocess, read_image
+from clipsam_jax.data.image_io import IMAGE_SUFFIXES, read_image, resize_rgb
 from clipsam_jax.errors import ConfigError, DatasetError, ImageReadError
 from clipsam_jax.inference import RoughMapModel, load_rough_map_model, rough_maps_ahead
 from clipsam_jax.refine.fusion import MMRResult, mmr_batch
@@ -240,7 +240,7 @@ def _read_batches(
     pool: ThreadPoolExecutor, on_error: Callable[[int, ImageReadError], None],
 ) -> Iterator[dict]:  # fmt: skip
     """Batches of the readable images of `paths`: {"indices", "rgb" (uint8 (H, W, 3) each),
-    "images" float32 (B, S, S, 3), "class_names"}. Images are read and preprocessed in `pool`'s
+    "images" uint8 (B, S, S, 3) resized, "class_names"}. Images are read and resized in `pool`'s
     threads, the next batch while the current one is processed; an unreadable file goes to
     `on_error(index, error)` and is left out (a batch with none left is not yielded)."""
 
@@ -249,7 +249,7 @@ def _read_batches(
             rgb = read_image(paths[index])
         except ImageReadError as error:
             return None, None, error
-        return rgb, preprocess(rgb, size), None
+        return rgb, resize_rgb(rgb, size), None  # uint8: the model normalizes on the device
 
     def submit(start: int) -> list:
         stop = min(start + batch_size, len(paths))

@@ -300,6 +300,32 @@ def test_attention_implementations_match_reference(tiny_clip_dir, attention, mon
         assert relative_error(a, b) < 1e-5
 
 
+def test_uint8_pixels_normalized_on_the_device(tiny_clip_dir):
+    """The encoder and the rough-map model take the resized uint8 images (as evaluation sends
+    them) and normalize them in the jitted function: the same features and maps as the
+    host-normalized float32 input."""
+    from clipsam_jax.clip.prompts import TextFeatures
+    from clipsam_jax.config import HeadConfig
+    from clipsam_jax.data.image_io import normalize
+    from clipsam_jax.inference import RoughMapModel
+    from clipsam_jax.models.heads import build_head
+    from clipsam_jax.models.init import init_params
+
+    clip = load_clip(str(tiny_clip_dir), image_size=112, dtype="float32")
+    rgb = np.random.default_rng(4).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    encoder = make_image_encoder(clip)
+    ours, theirs = encoder(clip.params, rgb), encoder(clip.params, normalize(rgb))
+    for a, b in zip(ours.patch_tokens, theirs.patch_tokens):
+        assert relative_error(a, b) < 1e-6
+    head = HeadConfig(hidden_dim=16, pool_sizes=(2, 4))
+    grid, dim = clip.grid, clip.feature_dim
+    params = init_params(build_head(head, clip.text_dim), 0, [(1, grid, grid, dim)] * 4,
+                         (1, 2, clip.text_dim))  # fmt: skip
+    model = RoughMapModel(clip, TextFeatures(clip), head, params, batch_size=2)
+    names = ["candle"] * 3  # 3 images, batches of 2: a padded uint8 batch too
+    np.testing.assert_allclose(model(rgb, names), model(normalize(rgb), names), atol=1e-6)
+
+
 def test_attention_choice():
     from clipsam_jax.clip.features import cudnn_attention_available, resolve_attention
 

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipsam_jax.data.image_io import preprocess, read_image, read_mask, resize_mask
+from clipsam_jax.data.image_io import (
+    normalize,
+    preprocess,
+    read_image,
+    read_mask,
+    resize_mask,
+    resize_rgb,
+)
 from clipsam_jax.data.pipeline import BatchLoader, load_mosaic, load_sample
 from clipsam_jax.data.registry import load_dataset
 from clipsam_jax.data.synthetic import generate
@@ -58,6 +65,24 @@ def test_batch_contents(samples):
             expected = resize_mask(read_mask(sample.mask_path), S)
             assert np.array_equal(batch["masks"][k], expected) and expected.any()
     assert not batch["mosaic"].any()
+
+
+@pytest.mark.parametrize("mosaic_prob", [0.0, 1.0])
+def test_unnormalized_batches_are_the_resized_uint8_images(samples, mosaic_prob):
+    """normalized=False (evaluation: the model normalizes on the device) hands out the uint8
+    images that `normalize` turns exactly into the default batches; everything else is equal."""
+    kwargs = dict(num_workers=2, mosaic_prob=mosaic_prob, seed=3)
+    floats = list(BatchLoader(samples, S, 4, **kwargs))
+    raw = list(BatchLoader(samples, S, 4, normalized=False, **kwargs))
+    assert len(raw) == len(floats)
+    for a, b in zip(raw, floats):
+        assert a["images"].dtype == np.uint8 and a["images"].shape == b["images"].shape
+        np.testing.assert_array_equal(normalize(a["images"]), b["images"])
+        np.testing.assert_array_equal(a["masks"], b["masks"])
+        assert a["indices"].tolist() == b["indices"].tolist()
+    if not mosaic_prob:
+        first = read_image(samples[0].image_path)
+        np.testing.assert_array_equal(raw[0]["images"][0], resize_rgb(first, S))
 
 
 def test_load_sample_normal_image_has_empty_mask(samples):

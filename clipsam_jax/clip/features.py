@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from clipsam_jax.clip.loading import ClipModel
+from clipsam_jax.data.image_io import CLIP_MEAN, CLIP_STD
 from clipsam_jax.errors import ConfigError
 
 
@@ -194,6 +195,15 @@ def vision_forward(
     return ImageFeatures(tokens, module.visual_projection(out.pooler_output))
 
 
+def device_pixels(pixels: jax.Array) -> jax.Array:
+    """Inside a jitted function: uint8 (..., 3) resized RGB → float32 CLIP-normalized, the same
+    arithmetic as `data.image_io.normalize` (a batch then travels to the device as uint8, a
+    quarter of float32's bytes); float input is returned as it is (already normalized)."""
+    if pixels.dtype != jnp.uint8:
+        return pixels
+    return (pixels.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
 def resolve_fuse_qkv(fuse_qkv: bool | None, attention: str) -> bool:
     """Whether the encoder computes q, k, v as one GEMM (`vision_forward`); None = with cuDNN's
     attention. On an H200 in bf16 with cuDNN's attention at S=518, alone, the fused GEMM ran at
@@ -209,7 +219,8 @@ def resolve_fuse_qkv(fuse_qkv: bool | None, attention: str) -> bool:
 def make_image_encoder(
     clip: ClipModel, attention: AttentionImpl | None = None, fuse_qkv: bool | None = None
 ):
-    """A jitted `fn(params, pixels (B, S, S, 3) float32) -> ImageFeatures` for this CLIP.
+    """A jitted `fn(params, pixels (B, S, S, 3)) -> ImageFeatures` for this CLIP; pixels float32
+    normalized, or uint8 resized RGB (normalized on the device, `device_pixels`).
 
     attention: see `resolve_attention`; None = the one `clip` was loaded with (default "auto":
     "blocked" on CPU, cuDNN's fused kernel on GPUs in bf16/fp16 where it compiles).
@@ -222,7 +233,8 @@ def make_image_encoder(
     @jax.jit
     def encode(params, pixels):
         return clip.module.apply(
-            {"params": params}, pixels.astype(clip.module.dtype), layers, attention, fuse_qkv,
+            {"params": params}, device_pixels(pixels).astype(clip.module.dtype), layers,
+            attention, fuse_qkv,
             method=vision_forward,
         )  # fmt: skip
 

@@ -43,12 +43,15 @@ def decode_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
     return rgb, read_mask(sample.mask_path, expected_hw=rgb.shape[:2])
 
 
-def load_sample(sample: Sample, image_size: int, keep_rgb: bool = False) -> dict[str, Any]:
+def load_sample(
+    sample: Sample, image_size: int, keep_rgb: bool = False, normalized: bool = True
+) -> dict[str, Any]:
     """One sample → {"image": float32 (S, S, 3) normalized, "mask": bool (S, S),
-    "original_size": (H, W)} plus "rgb": uint8 (H, W, 3) with `keep_rgb`."""
+    "original_size": (H, W)} plus "rgb": uint8 (H, W, 3) with `keep_rgb`. With `normalized`
+    False "image" is the resized uint8 (S, S, 3) that `normalize` would turn into the former."""
     rgb, mask = decode_sample(sample)
     out = {
-        "image": preprocess(rgb, image_size),
+        "image": preprocess(rgb, image_size) if normalized else resize_rgb(rgb, image_size),
         "mask": _resized_mask(mask, image_size),
         "original_size": rgb.shape[:2],
     }
@@ -63,7 +66,9 @@ def _resized_mask(mask: np.ndarray | None, size: int) -> np.ndarray:
     return resize_mask(mask, size)
 
 
-def load_mosaic(samples: Sequence[Sample], image_size: int, keep_rgb: bool = False) -> dict:
+def load_mosaic(
+    samples: Sequence[Sample], image_size: int, keep_rgb: bool = False, normalized: bool = True
+) -> dict:
     """Four samples → one 2×2 mosaic (APRIL-GAN's augmentation), same keys as `load_sample`.
 
     Tiles are squashed to ceil(S/2) and the canvas cropped to S×S, so odd sizes work too;
@@ -84,7 +89,7 @@ def load_mosaic(samples: Sequence[Sample], image_size: int, keep_rgb: bool = Fal
         mask_canvas[rows, cols] = _resized_mask(mask, tile)
     canvas = canvas[:image_size, :image_size]
     out = {
-        "image": normalize(canvas),
+        "image": normalize(canvas) if normalized else canvas.copy(),
         "mask": mask_canvas[:image_size, :image_size],
         "original_size": first_size,
     }
@@ -97,7 +102,8 @@ class BatchLoader:
     """Iterable over the batches of one epoch.
 
     Each batch is a dict:
-      images          float32 (B, S, S, 3), CLIP-normalized
+      images          float32 (B, S, S, 3), CLIP-normalized; with normalized=False the
+                      resized uint8 (B, S, S, 3) (normalized on the device by the model)
       masks           bool (B, S, S); all False for normal images
       indices         int64 (B,) into `samples`
       labels          int64 (B,) 1 anomalous, 0 normal (1 for a mosaic holding a defect)
@@ -111,6 +117,8 @@ class BatchLoader:
     flight ahead of the consumer. skip_batches: batches of the epoch not produced (resume).
     mosaic_prob: probability that an item becomes a 2×2 mosaic of its image and three random
     images of the same class (training only; off by default). seed, epoch: non-negative ints.
+    normalized: False hands out uint8 images for models that normalize them on the device
+    (`RoughMapModel`, `make_image_encoder` take both).
     """
 
     def __init__(
@@ -128,6 +136,7 @@ class BatchLoader:
         skip_batches: int = 0,
         keep_rgb: bool = False,
         mosaic_prob: float = 0.0,
+        normalized: bool = True,
     ) -> None:
         if image_size < 1 or batch_size < 1 or prefetch < 1:
             raise ValueError("image_size, batch_size and prefetch must be positive")
@@ -137,7 +146,7 @@ class BatchLoader:
         self.image_size, self.batch_size = image_size, batch_size
         self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, seed, epoch, drop_last
         self.num_workers, self.prefetch, self.skip_batches = num_workers, prefetch, skip_batches
-        self.keep_rgb, self.mosaic_prob = keep_rgb, mosaic_prob
+        self.keep_rgb, self.mosaic_prob, self.normalized = keep_rgb, mosaic_prob, normalized
         self._by_class = _indices_by_class(self.samples)
 
     @property
@@ -199,12 +208,11 @@ class BatchLoader:
             rng = np.random.default_rng([self.seed, self.epoch, int(position), _MOSAIC_STREAM])
             if rng.random() < self.mosaic_prob:
                 partners = _partners(rng, self._by_class[sample.class_name], index)
-                item = load_mosaic(
-                    [sample] + [self.samples[j] for j in partners], self.image_size, self.keep_rgb
-                )
+                item = load_mosaic([sample] + [self.samples[j] for j in partners],
+                                   self.image_size, self.keep_rgb, self.normalized)  # fmt: skip
                 item["mosaic"] = True
                 return item
-        item = load_sample(sample, self.image_size, self.keep_rgb)
+        item = load_sample(sample, self.image_size, self.keep_rgb, self.normalized)
         item["mosaic"] = False
         return item
 

@@ -285,6 +285,16 @@ def clip_stage(run: Run, values: dict, state: dict) -> None:
     state["clip_images_per_second"] = fastest[state["clip_attention"]]
 
 
+def _large_batch_case(run: Run, values: dict, state: dict) -> tuple[int | None, str | None]:
+    """(batch, attention) of the encoder sections at clip_encoder's larger batch with its fastest
+    attention; batch None (recorded as skipped) on CPU outside --quick."""
+    if not state["on_gpu"] and not run.args.quick:
+        values["skipped"] = "GPU only (a full-size batch takes minutes on CPU)"
+        return None, None
+    batch = 4 * run.args.batch if state["on_gpu"] else run.args.batch
+    return batch, state.get("clip_attention")
+
+
 # Kernel kinds of a device trace, by name: cuBLAS/cuBLASLt/CUTLASS/Triton GEMMs, fused attention.
 KERNEL_KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "dot")),
                 ("attention", ("cudnn", "fmha", "flash", "sdpa", "attention")))  # fmt: skip
@@ -302,11 +312,9 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
     from clipsam_jax.clip.features import make_image_encoder, resolve_fuse_qkv
 
     on_gpu, clip = state["on_gpu"], state["clip"]
-    if not on_gpu and not run.args.quick:
-        values["skipped"] = "GPU only (a full-size batch takes minutes on CPU)"
+    batch, attention = _large_batch_case(run, values, state)
+    if batch is None:
         return
-    batch = 4 * run.args.batch if on_gpu else run.args.batch
-    attention = state.get("clip_attention")
     encoder = make_image_encoder(clip, attention=attention)
     pixels = np.random.default_rng(2).normal(
         size=(batch, clip.image_size, clip.image_size, 3)).astype(np.float32)  # fmt: skip
@@ -380,12 +388,10 @@ def clip_variants(run: Run, values: dict, state: dict) -> None:
 
     from clipsam_jax.clip.features import attention_core, make_image_encoder
 
-    on_gpu, clip = state["on_gpu"], state["clip"]
-    if not on_gpu and not run.args.quick:
-        values["skipped"] = "GPU only (a full-size batch takes minutes on CPU)"
+    clip = state["clip"]
+    batch, attention = _large_batch_case(run, values, state)
+    if batch is None:
         return
-    batch = 4 * run.args.batch if on_gpu else run.args.batch
-    attention = state.get("clip_attention")
     flops = vit_flops_per_image(clip.config, clip.image_size)
     values.update(batch=batch, attention=attention)
     base = None

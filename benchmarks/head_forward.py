@@ -7,6 +7,9 @@ against its PyTorch twin on the same weights.
 `HeadConfig.conv_impl` picks how the 3×3 convolutions run: XLA's own convolution ("xla") or nine
 shifted matmuls ("matmul", the CPU training default for its faster backward pass). Inference
 has no backward pass, so the rough-map model takes the fastest forward form measured here.
+`xla_ynn_single_dots` is "xla" compiled with XLA's CPU option
+`xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT` (YNNPACK for single
+dots only): a candidate, not the library's setting.
 Random features and weights: timings and agreement only.
 """
 
@@ -21,6 +24,12 @@ import common
 common.setup_path()
 
 IMPLS = ("matmul", "xla", "im2col")
+# "xla" compiled with XLA's CPU option that hands single dots (no fused groups, convolutions to
+# XLA) to YNNPACK: faster for the head alone, not for CLIP + head in one jit (README).
+YNN_SINGLE_DOTS = "xla_ynn_single_dots"
+YNN_SINGLE_DOTS_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,10 +62,17 @@ def time_case(batch: int, grid: int, feature_dim: int, text_dim: int, hidden_dim
                               text_dim) for impl in IMPLS}  # fmt: skip
     params = init_params(heads["xla"], seed, [t.shape for t in tokens], text.shape)
     fns, outputs = {}, {}
-    for impl, head in heads.items():
-        forward = jax.jit(lambda p, t, x, head=head: head.apply({"params": p}, t, x))
-        fns[impl] = lambda f=forward: jax.block_until_ready(f(params, tokens, text))
-        outputs[impl] = fns[impl]()
+    forms = {**{impl: (head, None) for impl, head in heads.items()},
+             YNN_SINGLE_DOTS: (heads["xla"], YNN_SINGLE_DOTS_OPTIONS)}  # fmt: skip
+    for name, (head, options) in list(forms.items()):
+        forward = jax.jit(lambda p, t, x, head=head: head.apply({"params": p}, t, x),
+                          compiler_options=options)  # fmt: skip
+        fns[name] = lambda f=forward: jax.block_until_ready(f(params, tokens, text))
+        try:
+            outputs[name] = fns[name]()
+        except Exception as error:  # an XLA without this option: time the others
+            print(f"    {name} skipped: {type(error).__name__}: {error}"[:300], flush=True)
+            del fns[name], forms[name]
     twin = torch_ref.UMCIHead(4, feature_dim=feature_dim, text_dim=text_dim,
                               hidden_dim=hidden_dim, pool_sizes=pools).eval()  # fmt: skip
     twin.load_state_dict({k: torch.from_numpy(v) for k, v in flax_to_torch(params).items()})
@@ -73,14 +89,18 @@ def time_case(batch: int, grid: int, feature_dim: int, text_dim: int, hidden_dim
         pairs = zip(outputs[impl], reference, strict=True)
         return max(float(np.abs(np.asarray(a) - b).max() / np.abs(b).max()) for a, b in pairs)
 
-    agreement = {impl: difference(impl) for impl in IMPLS}
+    agreement = {name: difference(name) for name in forms}
     print(f"[B={batch}] grid {grid}, features {feature_dim}, hidden {hidden_dim}", flush=True)
     timings = common.interleaved(fns, repeats)
     return {
         "seconds": {n: timings[n]["seconds_median"] for n in fns},
         "runs": {n: timings[n] for n in fns},
-        "ratio_over_torch": {n: common.pairwise_ratio(timings, n, "torch") for n in IMPLS},
+        "ratio_over_torch": {n: common.pairwise_ratio(timings, n, "torch") for n in forms},
         "xla_over_matmul": common.pairwise_ratio(timings, "xla", "matmul"),
+        "ynn_single_dots_options": YNN_SINGLE_DOTS_OPTIONS,
+        "ynn_single_dots_over_xla": common.pairwise_ratio(timings, YNN_SINGLE_DOTS, "xla")
+        if YNN_SINGLE_DOTS in fns
+        else None,
         "max_rel_difference_to_torch": agreement,
     }
 

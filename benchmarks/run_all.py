@@ -380,7 +380,8 @@ CLIP_VARIANTS = {
 def clip_variants(run: Run, values: dict, state: dict) -> None:
     """Candidate changes to the CLIP encoder at the larger batch of clip_encoder with its fastest
     attention, each compiled and timed in this process: the query/key/value projections as one
-    GEMM, twice the batch, cuBLASLt GEMMs, no CUDA command buffers (`CLIP_VARIANTS`); and the
+    GEMM, larger batches, cuBLASLt GEMMs, no CUDA command buffers, uint8 or device-resident
+    pixels (`CLIP_VARIANTS`); and the
     encoder's GEMM shapes and attention core alone, their rates being the ceiling of its MFU.
     Nothing here changes a library default; a commit citing these figures does."""
     import jax

@@ -595,19 +595,19 @@ def _time_evaluate(run: Run, values: dict, state: dict, compile_backend: str | N
 
 
 def _instrument_evaluate(state: dict) -> dict:
-    """Wraps eval_lib's `mmr_batch` and `rough_maps_ahead` (once per process) to add their wall
+    """Wraps eval_lib's `mmr_seeded` and `rough_maps_ahead` (once per process) to add their wall
     seconds on the calling thread to the returned dict's "mmr" and "rough_maps"."""
     from clipsam_jax import eval_lib
 
     if "evaluate_waits" in state:
         return state["evaluate_waits"]
     waits = state["evaluate_waits"] = {"mmr": 0.0, "rough_maps": 0.0}
-    mmr_batch, rough_maps_ahead = eval_lib.mmr_batch, eval_lib.rough_maps_ahead
+    mmr_seeded, rough_maps_ahead = eval_lib.mmr_seeded, eval_lib.rough_maps_ahead
 
-    def timed_mmr_batch(*args, **kwargs):
+    def timed_mmr(*args, **kwargs):
         began = time.perf_counter()
         try:
-            return mmr_batch(*args, **kwargs)
+            return mmr_seeded(*args, **kwargs)
         finally:
             waits["mmr"] += time.perf_counter() - began
 
@@ -621,7 +621,7 @@ def _instrument_evaluate(state: dict) -> dict:
                 return
             yield item
 
-    eval_lib.mmr_batch, eval_lib.rough_maps_ahead = timed_mmr_batch, timed_rough_maps_ahead
+    eval_lib.mmr_seeded, eval_lib.rough_maps_ahead = timed_mmr, timed_rough_maps_ahead
     return waits
 
 

@@ -30,7 +30,7 @@ from clipsam_jax.errors import ConfigError
 from clipsam_jax.inference import RoughMapModel, load_rough_map_model, rough_maps_ahead
 from clipsam_jax.metrics import compute_metrics
 from clipsam_jax.metrics.report import format_table, mean_over_classes
-from clipsam_jax.refine.fusion import mmr_batch
+from clipsam_jax.refine.fusion import mmr_seeded
 from clipsam_jax.visualize import panel
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,15 @@ def _panel_indices(samples: list[Sample], count: int) -> set[int]:
     return set((anomalous + normal)[:count])
 
 
+def _class_loader(samples: list[Sample], size: int, config: EvalConfig) -> BatchLoader:
+    # uint8 images: normalized on the device (a quarter of the bytes to copy there).
+    return BatchLoader(samples, size, config.batch_size, keep_rgb=True, normalized=False)
+
+
+def _class_entry(samples: list[Sample]) -> dict:
+    return {"n_images": len(samples), "n_anomalous": int(sum(s.label for s in samples))}
+
+
 class ClassMaps(NamedTuple):
     """One class's maps as evaluated: `rough`, `final` (None without SAM) float16 (N, S, S),
     `masks` bool (N, S, S)."""
@@ -142,16 +151,13 @@ def class_maps(
     final = np.zeros((count, size, size), np.float16) if refiner is not None else None
     masks = np.zeros((count, size, size), bool)
     panels = _panel_indices(samples, config.visualize_per_class)
-    # uint8 images: normalized on the device (a quarter of the bytes to copy there).
-    loader = BatchLoader(samples, size, config.batch_size, keep_rgb=True, normalized=False)
+    loader = _class_loader(samples, size, config)
     bar = tqdm(total=count, desc=name, unit="img", disable=not progress)
 
     def finish(batch: dict, maps: np.ndarray) -> None:
         """MMR, storage and panels of one batch whose rough maps are ready."""
-        results = [None] * len(maps)
-        if refiner is not None:
-            rngs = [np.random.default_rng([config.seed, int(i)]) for i in batch["indices"]]
-            results = mmr_batch(maps, batch["rgb"], refiner, config.refine, rngs)
+        results = mmr_seeded(maps, batch["rgb"], refiner, config.refine, config.seed,
+                             batch["indices"])  # fmt: skip
         for i, index in enumerate(batch["indices"]):
             # Maps are kept in float16, as saved with --save-maps, so saved maps reproduce
             # metrics.json exactly (the rounding moves AUROC by < 1e-4).
@@ -173,7 +179,7 @@ def class_result(
     name: str, samples: list[Sample], maps: ClassMaps, config: EvalConfig, output: Path
 ) -> dict:
     """Exact metrics of one class's maps (and maps/<class>.npz with --save-maps)."""
-    entry = {"n_images": len(samples), "n_anomalous": int(sum(s.label for s in samples))}
+    entry = _class_entry(samples)
     stages = {"rough": maps.rough}
     if maps.final is not None:
         stages["final"] = maps.final
@@ -216,13 +222,10 @@ def _evaluate_class_streaming(
         stages["final"] = StreamingPixelMetrics()
     panels = _panel_indices(samples, config.visualize_per_class)
     bar = tqdm(total=len(samples), desc=name, unit="img", disable=not progress)
-    # uint8 images: normalized on the device (a quarter of the bytes to copy there).
-    loader = BatchLoader(samples, size, config.batch_size, keep_rgb=True, normalized=False)
+    loader = _class_loader(samples, size, config)
     for batch, maps in rough_maps_ahead(loader, model):
-        results = [None] * len(maps)
-        if refiner is not None:
-            rngs = [np.random.default_rng([config.seed, int(i)]) for i in batch["indices"]]
-            results = mmr_batch(maps, batch["rgb"], refiner, config.refine, rngs)
+        results = mmr_seeded(maps, batch["rgb"], refiner, config.refine, config.seed,
+                             batch["indices"])  # fmt: skip
         rough = maps.astype(np.float16)
         stages["rough"].update(rough, batch["masks"])
         final = None
@@ -235,8 +238,7 @@ def _evaluate_class_streaming(
                             None if final is None else final[i], batch["masks"][i], results[i])  # fmt: skip
         bar.update(len(batch["indices"]))
     bar.close()
-    entry = {"n_images": len(samples), "n_anomalous": int(sum(s.label for s in samples)),
-             "exact": False}  # fmt: skip
+    entry = {**_class_entry(samples), "exact": False}
     return {stage: {**_json_safe(acc.compute()), **entry} for stage, acc in stages.items()}
 
 

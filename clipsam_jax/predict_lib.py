@@ -52,7 +52,7 @@ from clipsam_jax.config import ClipConfig, RefineConfig
 from clipsam_jax.data.image_io import IMAGE_SUFFIXES, read_image, resize_rgb
 from clipsam_jax.errors import ConfigError, DatasetError, ImageReadError
 from clipsam_jax.inference import RoughMapModel, load_rough_map_model, rough_maps_ahead
-from clipsam_jax.refine.fusion import MMRResult, mmr_batch
+from clipsam_jax.refine.fusion import MMRResult, mmr_seeded
 from clipsam_jax.visualize import overlay
 
 logger = logging.getLogger(__name__)
@@ -371,12 +371,9 @@ def predict(
         batches = _read_batches(paths, model.clip.image_size, config.batch_size,
                                 config.class_name or None, pool, skip)  # fmt: skip
         for batch, rough_maps in rough_maps_ahead(batches, model):
-            results = [None] * len(rough_maps)
-            if refiner is not None:
-                # Seeded by the image's position in the sorted list, so its points do not
-                # depend on the batch size or on skipped files.
-                rngs = [np.random.default_rng([config.seed, i]) for i in batch["indices"]]
-                results = mmr_batch(rough_maps, batch["rgb"], refiner, config.refine, rngs)
+            # Seeded by the image's position in the sorted list of paths.
+            results = mmr_seeded(rough_maps, batch["rgb"], refiner, config.refine, config.seed,
+                                 batch["indices"])  # fmt: skip
             for index, rgb, rough, result in zip(batch["indices"], batch["rgb"], rough_maps,
                                                  results, strict=True):  # fmt: skip
                 entry = _predict_image(index, rgb, rough, result, config, job)

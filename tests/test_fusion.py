@@ -18,6 +18,7 @@ from clipsam_jax.refine.fusion import (
     masks_to_grid,
     mmr,
     mmr_batch,
+    mmr_seeded,
     normalize,
 )
 from clipsam_jax.refine.prompts import Prompts
@@ -244,6 +245,25 @@ def test_mmr_batch_equals_mmr(batched, sampling):
         np.testing.assert_array_equal(got[n].masks, want.masks)
         np.testing.assert_array_equal(got[n].scores, want.scores)
         np.testing.assert_array_equal(got[n].final, want.final)
+
+
+def test_mmr_seeded_draws_each_image_from_its_position():
+    """Evaluation's and prediction's MMR: image n's points from default_rng([seed, index_n]),
+    whatever batch it is in; no refiner, no MMR."""
+    gts, roughs = _synthetic_set(np.random.default_rng(0))
+    images = [np.zeros((*IMAGE_HW, 3), np.uint8) for _ in gts]
+    refiner = OracleRefiner({id(img): gt for img, gt in zip(images, gts)})
+    config = RefineConfig(sam="none")
+    indices = np.arange(10, 10 + len(images), dtype=np.int64)
+    got = mmr_seeded(roughs, images, refiner, config, 7, indices)
+    want = mmr_batch(roughs, images, refiner, config,
+                     [np.random.default_rng([7, int(i)]) for i in indices])  # fmt: skip
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.prompts.points, b.prompts.points)
+        np.testing.assert_array_equal(a.final, b.final)
+    tail = mmr_seeded(roughs[3:], images[3:], refiner, config, 7, indices[3:])  # another batch
+    np.testing.assert_array_equal(tail[0].prompts.points, got[3].prompts.points)
+    assert mmr_seeded(roughs, images, None, config, 7, indices) == [None] * len(images)
 
 
 def test_mmr_batch_no_components_and_sizes():

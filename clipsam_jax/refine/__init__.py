@@ -20,6 +20,7 @@ from clipsam_jax.refine.fusion import (
     masks_to_grid,
     mmr,
     mmr_batch,
+    mmr_seeded,
     normalize,
 )
 from clipsam_jax.refine.prompts import PAD_LABEL, Prompts, extract_prompts
@@ -50,6 +51,7 @@ __all__ = [
     "masks_to_grid",
     "mmr",
     "mmr_batch",
+    "mmr_seeded",
     "normalize",
     *_LAZY_SAM,
 ]

@@ -251,6 +251,23 @@ def mmr_batch(
         return list(pool.map(result, range(len(prompts))))
 
 
+def mmr_seeded(
+    roughs: np.ndarray | Sequence[np.ndarray],
+    images: Sequence[np.ndarray],
+    refiner: MaskRefiner | BatchMaskRefiner | None,
+    config: RefineConfig,
+    seed: int,
+    indices: Sequence[int],
+) -> list[MMRResult | None]:
+    """`mmr_batch` with image n's points drawn from `default_rng([seed, indices[n]])`: seeded by
+    the image's position in its set, so its prompts do not depend on the batch it falls in (or
+    on skipped files). Without a refiner, B Nones (no MMR)."""
+    if refiner is None:
+        return [None] * len(roughs)
+    rngs = [np.random.default_rng([seed, int(index)]) for index in indices]
+    return mmr_batch(roughs, images, refiner, config, rngs)
+
+
 def _no_masks(config: RefineConfig, image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """What an image without a component gets instead of SAM's output: masks bool
     (0, k, H, W) and scores float32 (0, k), k = 3 with multimask else 1."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gzip
 import json
 import os
@@ -319,6 +320,11 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
     pixels = np.random.default_rng(2).normal(
         size=(batch, clip.image_size, clip.image_size, 3)).astype(np.float32)  # fmt: skip
     jax.block_until_ready(encoder(clip.params, pixels))  # compile outside the trace
+    # The optimized HLO beside the JSON: it maps the trace's fusion names to the model's ops.
+    hlo = run.out.with_name(f"{run.out.stem}_clip_encoder_b{batch}_hlo.txt.gz")
+    with gzip.open(hlo, "wt") as f:
+        f.write(encoder.lower(clip.params, pixels).compile().as_text())
+    values["optimized_hlo"] = hlo.name
     calls = 3
     with tempfile.TemporaryDirectory() as folder:
         jax.profiler.start_trace(folder, create_perfetto_trace=True)
@@ -330,11 +336,16 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
         trace = next(Path(folder).rglob("perfetto_trace.json.gz"))
         with gzip.open(trace) as f:
             events = json.load(f)
+    # The same calls with the pixels already on the device: the wall time left is dispatch.
+    resident = jax.device_put(pixels)
+    timing = best_of(lambda: jax.block_until_ready(encoder(clip.params, resident)), calls)
     events = events["traceEvents"] if isinstance(events, dict) else events
     kernels = _device_kernels(events, "/device:GPU" if on_gpu else "/host:CPU")
     if not kernels:  # e.g. CUPTI held by torch.profiler, which ran earlier in this process
         raise RuntimeError("the trace holds no device kernels (see the log for CUPTI errors)")
     busy = sum(kernels.values()) / calls
+    copies = sum(v for k, v in kernels.items() if k.startswith("Memcpy")) / calls
+    kernels_busy = busy - copies  # what the device-resident calls run
     kinds = dict.fromkeys([k for k, _ in KERNEL_KINDS] + ["other"], 0.0)
     for name, seconds in kernels.items():
         kind = next((k for k, keys in KERNEL_KINDS if any(p in name.lower() for p in keys)),
@@ -349,6 +360,8 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
         batch=batch, attention=attention, wall_seconds_per_call=wall,
         fuse_qkv=resolve_fuse_qkv(None, attention),
         device_busy_seconds_per_call=busy, device_busy_share=busy / wall,
+        wall_seconds_per_call_device_pixels=timing["seconds_median"],
+        device_busy_share_device_pixels=min(kernels_busy / timing["seconds_median"], 1.0),
         seconds_per_call_by_kind=kinds,
         share_by_kind={k: v / busy for k, v in kinds.items()} if busy else {},
         gemm_tflops_while_running=gemm_flops / kinds["matmul"] / 1e12 if kinds["matmul"] else None,
@@ -358,22 +371,31 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
 
 
 # Candidate changes to the encoder timed by clip_variants: make_image_encoder keywords, a batch
-# factor, XLA compile options (DebugOptions fields, per compilation).
+# factor, the feed ("pixels"), the parameters' dtype ("params": cast once, before the calls), XLA
+# compile options (DebugOptions fields, per compilation). Timed before and left out since (no
+# change, H200 runs 5 and 6): batch x2 / x4 without fused q/k/v, cuBLASLt GEMMs (1.00-1.02x),
+# no CUDA command buffers (0.97-1.01x); CLIP_VARIANTS_MORE holds them for a run that wants them.
 CLIP_VARIANTS = {
     "baseline": {},
     "fused_qkv": {"fuse_qkv": True},
-    "batch_x2": {"batch_factor": 2},
     "fused_qkv_batch_x2": {"fuse_qkv": True, "batch_factor": 2},
-    "batch_x4": {"batch_factor": 4},
     "fused_qkv_batch_x4": {"fuse_qkv": True, "batch_factor": 4},
-    "cublaslt": {"options": {"xla_gpu_enable_cublaslt": True}},
-    "fused_qkv_cublaslt": {"fuse_qkv": True, "options": {"xla_gpu_enable_cublaslt": True}},
-    "no_command_buffer": {"options": {"xla_gpu_enable_command_buffer": ""}},
     # The feed: uint8 pixels normalized on the device (evaluation's input), or float32 pixels
     # already on the device (the encoder alone, no host-to-device copy in the timed call).
     "fused_qkv_uint8_pixels": {"fuse_qkv": True, "pixels": "uint8"},
     "fused_qkv_device_pixels": {"fuse_qkv": True, "pixels": "device"},
+    "fused_qkv_device_pixels_batch_x2": {"fuse_qkv": True, "pixels": "device", "batch_factor": 2},
+    # Frozen CLIP weights held in the compute dtype: no per-call casts, half the weight reads.
+    "fused_qkv_bf16_params": {"fuse_qkv": True, "params": "compute"},
+    "fused_qkv_device_pixels_bf16_params": {"fuse_qkv": True, "pixels": "device",
+                                            "params": "compute"},  # fmt: skip
     "baseline_again": {},  # drift check: the first entry timed again last
+}
+CLIP_VARIANTS_MORE = {
+    "batch_x2": {"batch_factor": 2},
+    "batch_x4": {"batch_factor": 4},
+    "cublaslt": {"options": {"xla_gpu_enable_cublaslt": True}},
+    "no_command_buffer": {"options": {"xla_gpu_enable_command_buffer": ""}},
 }
 
 
@@ -396,6 +418,7 @@ def clip_variants(run: Run, values: dict, state: dict) -> None:
     flops = vit_flops_per_image(clip.config, clip.image_size)
     values.update(batch=batch, attention=attention)
     base = None
+    compute_params = None
     for name, variant in CLIP_VARIANTS.items():
         size = batch * variant.get("batch_factor", 1)
         shape = (size, clip.image_size, clip.image_size, 3)
@@ -405,13 +428,17 @@ def clip_variants(run: Run, values: dict, state: dict) -> None:
             pixels = np.random.default_rng(3).normal(size=shape).astype(np.float32)
         if variant.get("pixels") == "device":
             pixels = jax.device_put(pixels)
+        params = clip.params
+        if variant.get("params") == "compute":
+            compute_params = compute_params or cast_floating(clip.params, clip.module.dtype)
+            params = compute_params
         try:
             encoder = make_image_encoder(clip, attention, fuse_qkv=variant.get("fuse_qkv", False))
-            compiled = encoder.lower(clip.params, pixels).compile(variant.get("options"))
+            compiled = encoder.lower(params, pixels).compile(variant.get("options"))
         except Exception as error:  # e.g. an option this XLA lacks: time the others
             values[name] = {"error": f"{type(error).__name__}: {error}"[:400]}
             continue
-        timing = best_of(lambda c=compiled, p=pixels: jax.block_until_ready(c(clip.params, p)),
+        timing = best_of(lambda c=compiled, w=params, p=pixels: jax.block_until_ready(c(w, p)),
                          run.args.repeats)  # fmt: skip
         rate = size / timing["seconds_median"]
         base = base or rate
@@ -467,6 +494,18 @@ def _device_kernels(events: list, process_prefix: str) -> dict[str, float]:
     return totals
 
 
+def cast_floating(params, dtype):
+    """The floating leaves of a parameter tree cast to `dtype`, on the device (once)."""
+    import jax
+    import jax.numpy as jnp
+
+    def cast(leaf):
+        leaf = jnp.asarray(leaf)
+        return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree.map(cast, params)
+
+
 def _mfu(achieved: float, state: dict) -> dict:
     out = {}
     if state.get("datasheet_peak"):
@@ -500,6 +539,18 @@ def rough_model(run: Run, values: dict, state: dict) -> None:
     model(rgb, names)
     timed = best_of(lambda: model(rgb, names), run.args.repeats)
     values["uint8_input_images_per_second"] = len(rgb) / timed["seconds_median"]
+    clip = state["clip"]
+    if np.dtype(clip.module.dtype) != np.float32:  # frozen CLIP weights held in the compute dtype
+        held = dataclasses.replace(clip, params=cast_floating(clip.params, clip.module.dtype))
+        cast = RoughMapModel(held, state["text"], state["head_config"], state["head_params"],
+                             batch_size=run.args.batch, attention=attention)  # fmt: skip
+        cast_maps = cast(rgb, names)
+        timed = best_of(lambda: cast(rgb, names), run.args.repeats)
+        values["uint8_input_compute_dtype_clip_params"] = {
+            "images_per_second": len(rgb) / timed["seconds_median"],
+            "max_abs_diff_to_float32_params": float(np.abs(cast_maps - model(rgb, names)).max()),
+        }  # fmt: skip
+        del cast, held
     values["attention"] = resolve_attention(attention, state["clip"].module.dtype)
     values["library_default_attention"] = resolve_attention(None, state["clip"].module.dtype)
     if values["attention"] != "reference":  # the same model with transformers' attention

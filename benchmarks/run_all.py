@@ -387,8 +387,11 @@ CLIP_VARIANTS = {
     "fused_qkv_device_pixels_batch_x2": {"fuse_qkv": True, "pixels": "device", "batch_factor": 2},
     # Frozen CLIP weights held in the compute dtype: no per-call casts, half the weight reads.
     "fused_qkv_bf16_params": {"fuse_qkv": True, "params": "compute"},
-    "fused_qkv_device_pixels_bf16_params": {"fuse_qkv": True, "pixels": "device",
-                                            "params": "compute"},  # fmt: skip
+    "fused_qkv_device_pixels_bf16_params": {
+        "fuse_qkv": True,
+        "pixels": "device",
+        "params": "compute",
+    },
     "baseline_again": {},  # drift check: the first entry timed again last
 }
 CLIP_VARIANTS_MORE = {

@@ -6,6 +6,11 @@
 #   SKIP=train_epoch,sam_compile BUDGET=240 bash benchmarks/gpu_run.sh
 #   ARGS=--quick OUT=/tmp/gpu_quick bash benchmarks/gpu_run.sh   # checks the script, any machine
 #
+# The H200 runs 7 and 8 of 2026-11-28 (results/run_all_h200_run{7,8}.json; 309 and 363 s):
+#   TESTS=cudnn SKIP=end_to_end_compiled,sam_compile BUDGET=300 TIMEOUT=470 bash benchmarks/gpu_run.sh
+#   TESTS=cudnn SKIP=clip_profile,clip_variants,stage_costs,torch_reference,bf16_effect,sam_compile,train_epoch \
+#       BUDGET=250 TIMEOUT=400 bash benchmarks/gpu_run.sh
+#
 # On a machine whose image lacks this project's pins (transformers 4.57 with Flax, and
 # segment-anything), put their wheels in .whl/ first: they are installed to /tmp/site.
 set -uo pipefail

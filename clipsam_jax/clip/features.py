@@ -198,7 +198,9 @@ def vision_forward(
 def device_pixels(pixels: jax.Array) -> jax.Array:
     """Inside a jitted function: uint8 (..., 3) resized RGB → float32 CLIP-normalized, the same
     arithmetic as `data.image_io.normalize` (a batch then travels to the device as uint8, a
-    quarter of float32's bytes); float input is returned as it is (already normalized)."""
+    quarter of float32's bytes; on an H200 the encoder at batch 32 ran 1.15x as fast fed uint8 as
+    fed float32 from the host, run_all_h200_run7.json `clip_variants`); float input is returned
+    as it is (already normalized)."""
     if pixels.dtype != jnp.uint8:
         return pixels
     return (pixels.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
@@ -208,8 +210,9 @@ def resolve_fuse_qkv(fuse_qkv: bool | None, attention: str) -> bool:
     """Whether the encoder computes q, k, v as one GEMM (`vision_forward`); None = with cuDNN's
     attention. On an H200 in bf16 with cuDNN's attention at S=518, alone, the fused GEMM ran at
     531 / 483 TFLOP/s against 313 / 358 for each of the three (two runs); in the encoder, 1.02x
-    the images/s at batch 64 in both runs (395 vs 386, 388 vs 381), 1.00x / 1.02x at batch 32,
-    1.01x at 128 (benchmarks/results/run_all_h200_run{5,6}.json, `clip_variants`). On 2 CPU
+    the images/s at batch 64 in both runs (395 vs 386, 388 vs 381), 1.00x / 1.02x / 1.03x at
+    batch 32 (run 7: 363 vs 352), 1.01x at 128 (benchmarks/results/run_all_h200_run{5,6,7}.json,
+    `clip_variants`). On 2 CPU
     cores with the blocked attention it was not faster (clip_features_cpu_fused_qkv.json)."""
     if fuse_qkv is None:
         return attention == "cudnn"

@@ -69,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="encoder attention implementations to time (clip.features.resolve_attention); "
         "default: reference,cudnn on GPUs, reference,blocked on CPUs",
     )
+    parser.add_argument(
+        "--all-clip-variants",
+        action="store_true",
+        help="clip_variants also times CLIP_VARIANTS_MORE (no change in earlier runs)",
+    )
     parser.add_argument("--sam-batch", type=int, default=8, help="SAM encoder images per call")
     return parser.parse_args(argv)
 
@@ -374,7 +379,7 @@ def clip_profile(run: Run, values: dict, state: dict) -> None:
 # factor, the feed ("pixels"), the parameters' dtype ("params": cast once, before the calls), XLA
 # compile options (DebugOptions fields, per compilation). Timed before and left out since (no
 # change, H200 runs 5 and 6): batch x2 / x4 without fused q/k/v, cuBLASLt GEMMs (1.00-1.02x),
-# no CUDA command buffers (0.97-1.01x); CLIP_VARIANTS_MORE holds them for a run that wants them.
+# no CUDA command buffers (0.97-1.01x); CLIP_VARIANTS_MORE holds them (`--all-clip-variants`).
 CLIP_VARIANTS = {
     "baseline": {},
     "fused_qkv": {"fuse_qkv": True},
@@ -398,6 +403,7 @@ CLIP_VARIANTS_MORE = {
     "batch_x2": {"batch_factor": 2},
     "batch_x4": {"batch_factor": 4},
     "cublaslt": {"options": {"xla_gpu_enable_cublaslt": True}},
+    "fused_qkv_cublaslt": {"fuse_qkv": True, "options": {"xla_gpu_enable_cublaslt": True}},
     "no_command_buffer": {"options": {"xla_gpu_enable_command_buffer": ""}},
 }
 
@@ -422,7 +428,11 @@ def clip_variants(run: Run, values: dict, state: dict) -> None:
     values.update(batch=batch, attention=attention)
     base = None
     compute_params = None
-    for name, variant in CLIP_VARIANTS.items():
+    variants = dict(CLIP_VARIANTS)
+    if run.args.all_clip_variants:  # before the drift check, which stays last
+        last = variants.popitem()
+        variants = {**variants, **CLIP_VARIANTS_MORE, last[0]: last[1]}
+    for name, variant in variants.items():
         size = batch * variant.get("batch_factor", 1)
         shape = (size, clip.image_size, clip.image_size, 3)
         if variant.get("pixels") == "uint8":

@@ -212,8 +212,8 @@ def resolve_fuse_qkv(fuse_qkv: bool | None, attention: str) -> bool:
     531 / 483 TFLOP/s against 313 / 358 for each of the three (two runs); in the encoder, 1.02x
     the images/s at batch 64 in both runs (395 vs 386, 388 vs 381), 1.00x / 1.02x / 1.03x at
     batch 32 (run 7: 363 vs 352), 1.01x at 128 (benchmarks/results/run_all_h200_run{5,6,7}.json,
-    `clip_variants`). On 2 CPU
-    cores with the blocked attention it was not faster (clip_features_cpu_fused_qkv.json)."""
+    `clip_variants`). On 2 CPU cores with the blocked attention it was not faster
+    (clip_features_cpu_fused_qkv.json)."""
     if fuse_qkv is None:
         return attention == "cudnn"
     return bool(fuse_qkv) and attention != "reference"

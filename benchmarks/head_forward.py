@@ -25,7 +25,7 @@ common.setup_path()
 
 IMPLS = ("matmul", "xla", "im2col")
 # "xla" compiled with XLA's CPU option that hands single dots (no fused groups, convolutions to
-# XLA) to YNNPACK: faster for the head alone, not for CLIP + head in one jit (README).
+# XLA) to YNNPACK: faster for the head alone, not for CLIP + head in one jit (RESULTS.md).
 YNN_SINGLE_DOTS = "xla_ynn_single_dots"
 YNN_SINGLE_DOTS_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
@@ -58,8 +58,8 @@ def time_case(batch: int, grid: int, feature_dim: int, text_dim: int, hidden_dim
               for _ in range(4)]  # fmt: skip
     text = rng.normal(size=(batch, 2, text_dim)).astype(np.float32)
     pools = (3, 9) if grid >= 18 else (2, 4)
-    heads = {impl: build_head(HeadConfig(hidden_dim=hidden_dim, pool_sizes=pools, conv_impl=impl),
-                              text_dim) for impl in IMPLS}  # fmt: skip
+    config = HeadConfig(hidden_dim=hidden_dim, pool_sizes=pools)
+    heads = {impl: build_head(config, text_dim, conv_impl=impl) for impl in IMPLS}
     params = init_params(heads["xla"], seed, [t.shape for t in tokens], text.shape)
     fns, outputs = {}, {}
     forms = {**{impl: (head, None) for impl, head in heads.items()},

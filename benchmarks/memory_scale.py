@@ -1,4 +1,4 @@
-"""Peak host memory of `evaluate` against dataset size: bounded by the largest class (issue 6).
+"""Peak host memory of `evaluate` against dataset size: bounded by the largest class.
 
     python benchmarks/memory_scale.py            # 10,000 generated images: ~8 min on 2 CPUs
     python benchmarks/memory_scale.py --quick    # 300 images: checks the script in about 1 min
@@ -21,7 +21,7 @@ APPROXIMATE). Timings and memory only: tiny random models on synthetic data, no 
 Each run is a fresh subprocess (memory freed by one run and kept by the allocator, or JAX's
 compilation, must not hide another's peak). A worker warms up (`evaluate_class` on two batches of
 the first class: compilation, lazy imports), reads its resident memory (the baseline), resets the kernel's peak mark (VmHWM) and runs `evaluate`. It
-also wraps `eval_lib.evaluate_class` to reset the mark at each class start and read it at the end,
+also observes the evaluation (a callback) to reset the mark at each class start and read it at the end,
 which gives the peak of every class alone; the run's peak is the max over these segments.
 
 Runs (`--runs`, each a fresh process): small / medium / largest = one class of the smallest,
@@ -31,7 +31,7 @@ all = every class; *_streaming with `metrics="streaming"`; *_arena2 with MALLOC_
 varies from run to run; we attribute it to glibc keeping freed memory in per-thread arenas, the
 loader decoding in a new thread pool per class, since two arenas shrink it). `--runs all#2 --append` repeats a run into the existing JSON.
 
-Classes run one after another (`overlap_classes="off"`, the CPU default): on accelerators the
+Classes run one after another (`RuntimeConfig.overlap_classes="off"`, the CPU default): on accelerators the
 default scores a class while the next one's maps are made, holding two classes' maps at once.
 
 Expected: exact mode holds one class at a time (float16 rough maps + bool masks, N × S × S × 3
@@ -212,11 +212,11 @@ def build_model(spec: dict):
     clip_dir = work / "tiny_clip"
     if not (clip_dir / "config.json").is_file():
         write_tiny_clip(clip_dir)
-    clip_config = ClipConfig(model=str(clip_dir), image_size=spec["clip_size"], dtype="float32",
-                             cache_dir=str(work / "cache"))  # fmt: skip
+    clip_config = ClipConfig(model=str(clip_dir), image_size=spec["clip_size"], dtype="float32")
+    cache_dir = str(work / "cache")
     clip = load_clip(clip_config.model, clip_config.image_size, dtype="float32",
-                     cache_dir=clip_config.cache_dir)  # fmt: skip
-    text = TextFeatures(clip, cache_dir=clip_config.cache_dir)
+                     cache_dir=cache_dir)  # fmt: skip
+    text = TextFeatures(clip, cache_dir=cache_dir)
     head_config = head_params = None
     if spec["head"] == "umci":
         head_config = HeadConfig(hidden_dim=16, pool_sizes=(2, 4))
@@ -239,14 +239,14 @@ def warm_up(config, model) -> None:
     samples = sorted(next(iter(samples.values())), key=lambda s: s.label)
     with tempfile.TemporaryDirectory() as scratch:
         half = min(config.batch_size, len(samples) // 2)
-        eval_lib.evaluate_class("warm_up", samples[:half] + samples[-half:], model, None,
-                                config, Path(scratch), progress=False)  # fmt: skip
+        run = eval_lib.ClassRun(model, None, config, Path(scratch), progress=False)
+        eval_lib.evaluate_class("warm_up", samples[:half] + samples[-half:], run)
 
 
 def worker(spec_path: Path) -> None:
     """Inside the subprocess: build, warm up, reset the peak mark, evaluate, write the result."""
     from clipsam_jax import eval_lib
-    from clipsam_jax.config import EvalConfig, RefineConfig
+    from clipsam_jax.config import EvalConfig, RefineConfig, RuntimeConfig
 
     spec = json.loads(spec_path.read_text())
     import jax
@@ -256,31 +256,33 @@ def worker(spec_path: Path) -> None:
     config = EvalConfig(dataset="mvtec", data_root=spec["data_root"], output=spec["output"],
                         classes=tuple(spec["classes"]), no_umci=spec["head"] == "zero-shot",
                         metrics=spec["metrics"], visualize_per_class=0, batch_size=spec["batch"],
-                        clip=clip_config, refine=RefineConfig(sam="none"),
-                        overlap_classes="off")  # fmt: skip
+                        clip=clip_config, refine=RefineConfig(sam="none"))  # fmt: skip
     warm_up(config, model)
     segments, per_class = [], []
-    original = eval_lib.evaluate_class
 
-    def measured_class(name, samples, *args, **kwargs):
-        segments.append(common.peak_rss_mib())  # peak since the previous reset
-        start = _rss_mib()
-        common.reset_peak_rss()
-        began = time.perf_counter()
-        result = original(name, samples, *args, **kwargs)
-        peak = common.peak_rss_mib()
-        per_class.append({"class": name, "images": len(samples), "rss_start_mib": start,
-                          "peak_rss_mib": peak, "growth_mib": peak - start,
-                          "seconds": time.perf_counter() - began})  # fmt: skip
-        segments.append(peak)
-        common.reset_peak_rss()
-        return result
+    class ClassMemory:
+        """Per-class peak RSS: the mark is reset at each class start and read at its end."""
 
-    eval_lib.evaluate_class = measured_class
+        def on_class_start(self, name, samples):
+            segments.append(common.peak_rss_mib())  # peak since the previous reset
+            self.name, self.images, self.start = name, len(samples), _rss_mib()
+            common.reset_peak_rss()
+            self.began = time.perf_counter()
+
+        def on_class_end(self, name, result):
+            peak = common.peak_rss_mib()
+            per_class.append({"class": name, "images": self.images, "rss_start_mib": self.start,
+                              "peak_rss_mib": peak, "growth_mib": peak - self.start,
+                              "seconds": time.perf_counter() - self.began})  # fmt: skip
+            segments.append(peak)
+            common.reset_peak_rss()
+
     baseline = _rss_mib()
     common.reset_peak_rss()
     began = time.perf_counter()
-    report = eval_lib.evaluate(config, progress=False, model=model, refiner=None)
+    report = eval_lib.evaluate(config, runtime=RuntimeConfig(overlap_classes="off"),
+                               progress=False, model=model, refiner=None,
+                               callbacks=[ClassMemory()])  # fmt: skip
     seconds = time.perf_counter() - began
     segments.append(common.peak_rss_mib())
     images = sum(c["images"] for c in per_class)

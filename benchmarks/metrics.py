@@ -1,6 +1,6 @@
 """Benchmark `clipsam_jax.metrics.compute_metrics` against naive scikit-learn calls.
 
-Synthetic data (fixed seed), one class at a time, maps at 518 × 518 (SPEC §1):
+Synthetic data (fixed seed), one class at a time, maps at 518 × 518 (docs/method.md §1):
   visa:   200 maps, the size of a large VisA test class (~54 M pixels);
   mvtec:  115 maps, MVTec AD's average test class (1725 test images / 15 classes).
 Half of the maps hold 1-3 elliptical defects (~3 % anomalous pixels over the class); maps are

@@ -1,4 +1,4 @@
-"""Seconds per image of each ClipSAM stage and end to end (issue 5's breakdown).
+"""Seconds per image of each ClipSAM stage and end to end (where the time goes).
 
     python benchmarks/pipeline.py            # full size, random weights (a GPU run belongs here)
     python benchmarks/pipeline.py --quick    # tiny models

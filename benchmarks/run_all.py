@@ -621,13 +621,10 @@ def _time_evaluate(run: Run, values: dict, state: dict, compile_backend: str | N
     # SAM gets a few boxes per image, as a trained head's maps give (no trained head here).
     threshold = float(np.quantile(state["rough_maps"], args.box_quantile))
     values["threshold_used"] = threshold
-    refine = RefineConfig(sam=variant, sam_dtype=sam_dtype or "fp32", threshold=threshold,
-                          sam_attention=attention, sam_images_per_call=args.sam_batch,
-                          sam_compile=compile_backend is not None)  # fmt: skip
-    waits = _instrument_evaluate(state)
+    refine = RefineConfig(sam=variant, sam_dtype=sam_dtype or "fp32", threshold=threshold)
     for attempt in ("warm", "timed"):  # the first pass compiles; the second is measured
         refiner.reset_timers()
-        waits.update(mmr=0.0, rough_maps=0.0)
+        waits = _MainThreadWaits()
         output = Path(args.workdir) / f"results_{attempt}"
         shutil.rmtree(output, ignore_errors=True)  # no class results reused from earlier runs
         config = EvalConfig(dataset="visa", data_root=str(state["data"]), output=str(output),
@@ -635,15 +632,15 @@ def _time_evaluate(run: Run, values: dict, state: dict, compile_backend: str | N
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        evaluate(config, progress=False, model=state["model"], refiner=refiner)
+        evaluate(config, progress=False, model=state["model"], refiner=refiner, callbacks=[waits])
         seconds = time.perf_counter() - began
         values[f"{attempt}_seconds"] = seconds
     count = len(state["samples"])
     # Where the main thread's wall time went: MMR (prompts, SAM, fusion), waiting for the next
     # batch's rough maps (loading + CLIP + head), the rest (the last class's metrics, records).
     values["main_thread_seconds"] = {
-        "mmr_including_sam": waits["mmr"], "waiting_for_rough_maps": waits["rough_maps"],
-        "other": seconds - waits["mmr"] - waits["rough_maps"],
+        "mmr_including_sam": waits.mmr, "waiting_for_rough_maps": waits.rough_maps,
+        "other": seconds - waits.mmr - waits.rough_maps,
     }  # fmt: skip
     values.update(seconds=seconds, images=count, images_per_second=count / seconds,
                   sam_variant=variant, sam_dtype=sam_dtype or "fp32", sam_attention=refiner.attention,
@@ -660,42 +657,23 @@ def _time_evaluate(run: Run, values: dict, state: dict, compile_backend: str | N
         values.update({f"sam_{k}": v for k, v in _mfu(flops * sam_rate, state).items()})
 
 
-def _instrument_evaluate(state: dict) -> dict:
-    """Wraps eval_lib's `mmr_seeded` and `rough_maps_ahead` (once per process) to add their wall
-    seconds on the calling thread to the returned dict's "mmr" and "rough_maps"."""
-    from clipsam_jax import eval_lib
+class _MainThreadWaits:
+    """An evaluation callback adding up, over the batches, the main thread's seconds spent in
+    MMR and waiting for the next rough maps (engine.RefinedBatch timings)."""
 
-    if "evaluate_waits" in state:
-        return state["evaluate_waits"]
-    waits = state["evaluate_waits"] = {"mmr": 0.0, "rough_maps": 0.0}
-    mmr_seeded, rough_maps_ahead = eval_lib.mmr_seeded, eval_lib.rough_maps_ahead
+    def __init__(self):
+        self.mmr = self.rough_maps = 0.0
 
-    def timed_mmr(*args, **kwargs):
-        began = time.perf_counter()
-        try:
-            return mmr_seeded(*args, **kwargs)
-        finally:
-            waits["mmr"] += time.perf_counter() - began
-
-    def timed_rough_maps_ahead(*args, **kwargs):
-        items = rough_maps_ahead(*args, **kwargs)
-        while True:
-            began = time.perf_counter()
-            item = next(items, None)
-            waits["rough_maps"] += time.perf_counter() - began
-            if item is None:
-                return
-            yield item
-
-    eval_lib.mmr_seeded, eval_lib.rough_maps_ahead = timed_mmr, timed_rough_maps_ahead
-    return waits
+    def on_batch(self, name: str, step) -> None:
+        self.mmr += step.mmr_s
+        self.rough_maps += step.wait_s
 
 
 def _sam(run: Run, state: dict):
     """The SAM of this run (built once): random ViT-H on the device, or the tiny one."""
     import torch
 
-    from clipsam_jax.refine.sam import build_sam
+    from clipsam_jax.refine.sam_build import build_sam
 
     if "sam" not in state:
         if run.args.quick:

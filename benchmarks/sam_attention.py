@@ -40,7 +40,7 @@ def build_random_sam(variant: str, device):
     import torch
     from segment_anything import sam_model_registry
 
-    from clipsam_jax.refine.sam import build_tiny_sam
+    from clipsam_jax.refine.sam_build import build_tiny_sam
 
     if variant == "tiny-random":
         sam = build_tiny_sam().to(device)

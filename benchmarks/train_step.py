@@ -10,7 +10,7 @@ params from `clipsam_jax.models.init.init_params`, copied into the PyTorch twin
 losses are compared.
 
 Variants (timed interleaved, A B C D A B C D ..., medians; see common.py):
-  jax_xla, jax_matmul, jax_im2col   `make_train_step` with HeadConfig(conv_impl=...): the three
+  jax_xla, jax_matmul, jax_im2col   `make_train_step` with build_head(conv_impl=...): the three
                                     convolution formulations of clipsam_jax.models.layers.Conv2D
   torch                             clipsam_jax.torch_ref.UMCIHead + torch_ref.total_loss,
                                     backward, torch.optim.AdamW (same hyper-parameters)
@@ -103,10 +103,10 @@ def loss_config(dims: dict, resolution: str = "image"):
     return LossConfig(stage_weights=weights, resolution=resolution)
 
 
-def head_config(dims: dict, impl: str):
+def head_config(dims: dict):
     from clipsam_jax.config import HeadConfig
 
-    return HeadConfig(hidden_dim=dims["hidden_dim"], conv_impl=impl)
+    return HeadConfig(hidden_dim=dims["hidden_dim"])
 
 
 def initial_params(dims: dict, batch: dict, seed: int) -> dict:
@@ -114,7 +114,7 @@ def initial_params(dims: dict, batch: dict, seed: int) -> dict:
     from clipsam_jax.models.heads import build_head
     from clipsam_jax.models.init import init_params
 
-    head = build_head(head_config(dims, "xla"), dims["text_dim"], dims["stages"])
+    head = build_head(head_config(dims), dims["text_dim"], dims["stages"], conv_impl="xla")
     return init_params(head, seed, [t.shape for t in batch["tokens"]], batch["text"].shape)
 
 
@@ -129,7 +129,7 @@ def jax_step(dims: dict, impl: str, params: dict, batch_jax: dict) -> tuple:
     from clipsam_jax.models.heads import build_head
     from clipsam_jax.train_step import create_state, make_optimizer, make_train_step
 
-    head = build_head(head_config(dims, impl), dims["text_dim"], dims["stages"])
+    head = build_head(head_config(dims), dims["text_dim"], dims["stages"], conv_impl=impl)
     optimizer = make_optimizer(OptimConfig())
     state = {"state": create_state(params, optimizer)}  # create_state copies (jnp.asarray)
     step = make_train_step(head, loss_config(dims), optimizer)
@@ -258,7 +258,8 @@ def bench_profile(dims: dict, params: dict, batch: dict, args) -> dict:
     from clipsam_jax.models.heads import build_head
     from clipsam_jax.train_step import make_optimizer
 
-    head = build_head(head_config(dims, args.profile_impl), dims["text_dim"], dims["stages"])
+    head = build_head(head_config(dims), dims["text_dim"], dims["stages"],
+                      conv_impl=args.profile_impl)  # fmt: skip
     image_loss, grid_loss = loss_config(dims), loss_config(dims, "grid")
     optimizer = make_optimizer(OptimConfig())
     data = jax.device_put(batch)

@@ -7,7 +7,7 @@ XLA's CPU runtime maps each execution's temporary buffer afresh, so every call t
 kernel zeroes) all of its pages again: faults per call ≈ temporary bytes / 4 KiB. PyTorch's
 large allocations (glibc malloc, mmap above its threshold) fault the same way; what differs in
 the training step is how much memory is live. This is why a smaller live set speeds up the
-training step on CPU (README, "Measured so far").
+training step on CPU (benchmarks/RESULTS.md, "The training step on CPU").
 """
 
 from __future__ import annotations

@@ -22,9 +22,8 @@ class HeadCheckpointer:
 
     def __init__(self, workdir: str | Path, max_to_keep: int = 3):
         self.directory = Path(workdir).resolve() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=True)  # fmt: skip
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -61,21 +60,28 @@ class HeadCheckpointer:
         self.manager.close()
 
 
-def load_head(path: str | Path, step: int | None = None) -> tuple[dict, dict]:
-    """(params, meta) of a trained head for evaluation: `path` is a training workdir (or its
-    `checkpoints` folder); the latest step unless `step` is given. No optimizer state is read.
-    """
+def head_directory(path: str | Path, hint: str = "") -> Path:
+    """The `checkpoints` folder of a training workdir (or the folder itself), or a
+    `CheckpointError` saying how to train one; `hint` ends the message."""
     path = Path(path).expanduser()
     root = path.parent if path.name == "checkpoints" else path
     directory = root / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(
             f"{root}: no trained head here (expected {directory}). Train one with "
-            f"`python -m train.main --workdir {root}`, or pass --no-umci for the zero-shot map."
+            f"`python -m train.main --train DATASET --workdir {root}`.{hint}"
         )
-    manager = ocp.CheckpointManager(
-        directory.resolve(), options=ocp.CheckpointManagerOptions(create=False)
-    )
+    return directory
+
+
+def load_head(path: str | Path, step: int | None = None, hint: str = "") -> tuple[dict, dict]:
+    """(params, meta) of a trained head for evaluation: `path` is a training workdir (or its
+    `checkpoints` folder); the latest step unless `step` is given. No optimizer state is read.
+    `hint` ends the message for a missing head (the caller's other way out).
+    """
+    directory = head_directory(path, hint)
+    options = ocp.CheckpointManagerOptions(create=False)
+    manager = ocp.CheckpointManager(directory.resolve(), options=options)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:

@@ -18,6 +18,7 @@ from clipsam_jax.config import (
     HeadConfig,
     OptimConfig,
     RefineConfig,
+    RuntimeConfig,
     TrainConfig,
 )
 from clipsam_jax.data import synthetic
@@ -53,14 +54,15 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     clip_dir = root / "tiny_clip"
     if not (clip_dir / "config.json").is_file():
         write_tiny_clip(clip_dir, seed=config.seed)
-    clip = ClipConfig(model=str(clip_dir), image_size=config.image_size, dtype="float32",
-                      cache_dir=str(root / "cache"))  # fmt: skip
+    clip = ClipConfig(model=str(clip_dir), image_size=config.image_size, dtype="float32")
+    runtime = RuntimeConfig(cache_dir=str(root / "cache"))
     train(
         TrainConfig(
             dataset="mvtec", data_root=str(data / "mvtec"), workdir=str(root / "runs" / "mvtec"),
             seed=config.seed, clip=clip, head=HeadConfig(hidden_dim=config.hidden_dim, pool_sizes=config.pool_sizes),
             optim=OptimConfig(epochs=config.epochs),
         ),
+        runtime=runtime,
         progress=progress,
     )  # fmt: skip
     return evaluate(
@@ -69,5 +71,6 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
             output=str(root / "results" / "visa"), seed=config.seed, clip=clip,
             refine=RefineConfig(sam="tiny-random"), visualize_per_class=2,
         ),
+        runtime=runtime,
         progress=progress,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Evaluation of the full pipeline (SPEC §4, §5, §7): `evaluate(config)`.
+"""Evaluation of the full pipeline (docs/method.md §4, §5, §7): `evaluate(config)`.
 
 Per class: images → CLIP + head rough maps O → MMR with SAM (prompts, masks, Eq. 9 fusion) →
 metrics of the rough and the final maps over all the class's pixels → per-class table with the
@@ -10,32 +10,36 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from clipsam_jax import config as config_lib
-from clipsam_jax.config import EvalConfig, RefineConfig
+from clipsam_jax import options
+from clipsam_jax.config import DEFAULT_RUNTIME, EvalConfig, RuntimeConfig
 from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.registry import load_dataset
 from clipsam_jax.data.types import Sample
+from clipsam_jax.engine import Callback, RefinedBatch, notify, refined_batches
 from clipsam_jax.errors import ConfigError
-from clipsam_jax.inference import RoughMapModel, load_rough_map_model, rough_maps_ahead
+from clipsam_jax.inference import RoughMapModel, check_inputs, load_rough_map_model
 from clipsam_jax.metrics import compute_metrics
 from clipsam_jax.metrics.report import format_table, mean_over_classes
-from clipsam_jax.refine.fusion import mmr_seeded
+from clipsam_jax.outputs import hold, png_bytes, write_atomic
+from clipsam_jax.refine.registry import Refiner, build_refiner
 from clipsam_jax.visualize import panel
 
 logger = logging.getLogger(__name__)
 
-# Cross-dataset protocol (SPEC §3): the head evaluated on X was trained on OTHER[X].
+# Cross-dataset protocol (docs/method.md §3): the head evaluated on X was trained on OTHER[X].
 TRAINED_ON = {"mvtec": "visa", "visa": "mvtec", "mtd": "mvtec", "ksdd2": "mvtec", "meta": "mvtec"}
 TABLE_COLUMNS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "pro")
 
@@ -52,20 +56,6 @@ def resolve_paths(config: EvalConfig) -> EvalConfig:
     )
 
 
-def build_refiner(config: RefineConfig):
-    """The SAM refiner of `config.sam`, or None for `--sam none` (rough maps only)."""
-    if config.sam == "none":
-        return None
-    from clipsam_jax.refine.sam import SamRefiner  # torch is imported only when SAM is used
-
-    return SamRefiner.from_config(
-        config,
-        autocast=config.sam_dtype,
-        max_images_per_call=config.sam_images_per_call,
-        attention=config.sam_attention,
-    )
-
-
 def _json_safe(values: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
 
@@ -73,7 +63,6 @@ def _json_safe(values: dict) -> dict:
 def _class_key(config: EvalConfig, model: RoughMapModel) -> str:
     """Identity of a class result: everything that changes the maps, not where they go."""
     values = config_lib.to_dict(dataclasses.replace(config, output=None, classes=None))
-    del values["overlap_classes"]  # scheduling only
     values["clip_fingerprint"] = model.clip.fingerprint
     values["head"] = None if model.head_config is None else dataclasses.asdict(model.head_config)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -81,29 +70,21 @@ def _class_key(config: EvalConfig, model: RoughMapModel) -> str:
 
 def _save_panel(folder: Path, name: str, index: int, batch: dict, i: int, rough: np.ndarray,
                 final: np.ndarray | None, mask: np.ndarray, result) -> None:  # fmt: skip
-    """The evaluation panel of image `i` of `batch` (SPEC §7) as a PNG."""
-    picture = panel(
-        batch["rgb"][i], rough.astype(np.float32),
-        None if final is None else final.astype(np.float32), mask,
-        boxes=None if result is None else result.prompts.boxes,
-        points=None if result is None else result.prompts.points,
-        masks=None if result is None else result.masks,
-        scores=None if result is None else result.scores,
-        title=f"{name} / {Path(batch['paths'][i]).name}",
-    )  # fmt: skip
+    """The evaluation panel of image `i` of `batch` (docs/method.md §7) as a PNG."""
+    r = result
+    picture = panel(batch["rgb"][i], rough.astype(np.float32),
+                    None if final is None else final.astype(np.float32), mask,
+                    boxes=r and r.prompts.boxes, points=r and r.prompts.points,
+                    masks=r and r.masks, scores=r and r.scores,
+                    title=f"{name} / {Path(batch['paths'][i]).name}")  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(folder / f"{index:04d}_{Path(batch['paths'][i]).stem}.png")
+    write_atomic(folder / f"{index:04d}_{Path(batch['paths'][i]).stem}.png", png_bytes(picture))
 
 
 def _panel_indices(samples: list[Sample], count: int) -> set[int]:
     anomalous = [i for i, s in enumerate(samples) if s.label]
     normal = [i for i, s in enumerate(samples) if not s.label]
     return set((anomalous + normal)[:count])
-
-
-def _class_loader(samples: list[Sample], size: int, config: EvalConfig) -> BatchLoader:
-    # uint8 images: normalized on the device (a quarter of the bytes to copy there).
-    return BatchLoader(samples, size, config.batch_size, keep_rgb=True, normalized=False)
 
 
 def _class_entry(samples: list[Sample]) -> dict:
@@ -119,59 +100,64 @@ class ClassMaps(NamedTuple):
     masks: np.ndarray
 
 
-def evaluate_class(
-    name: str,
-    samples: list[Sample],
-    model: RoughMapModel,
-    refiner,
-    config: EvalConfig,
-    output: Path,
-    progress: bool = True,
-) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ClassRun:
+    """What the classes of one evaluation share: the stages, the config, the output folder,
+    whether to show progress, and the callbacks (`engine.Callback`)."""
+
+    model: RoughMapModel
+    refiner: Refiner | None
+    config: EvalConfig
+    output: Path
+    progress: bool = True
+    callbacks: Sequence[Callback] = ()
+
+
+def evaluate_class(name: str, samples: list[Sample], run: ClassRun) -> dict:
     """Rough (and final) maps of one class, their metrics, and the requested files."""
-    if config.metrics == "streaming":
-        return _evaluate_class_streaming(name, samples, model, refiner, config, output, progress)
-    maps = class_maps(name, samples, model, refiner, config, output, progress)
-    return class_result(name, samples, maps, config, output)
+    if run.config.metrics == "streaming":
+        return _evaluate_class_streaming(name, samples, run)
+    return class_result(name, samples, class_maps(name, samples, run), run.config, run.output)
 
 
-def class_maps(
-    name: str,
-    samples: list[Sample],
-    model: RoughMapModel,
-    refiner,
-    config: EvalConfig,
-    output: Path,
-    progress: bool = True,
-) -> ClassMaps:
-    """The rough (and final) maps of one class and its masks, writing its panels."""
-    size = model.clip.image_size
-    count = len(samples)
-    rough = np.zeros((count, size, size), np.float16)
-    final = np.zeros((count, size, size), np.float16) if refiner is not None else None
-    masks = np.zeros((count, size, size), bool)
+def _class_batches(
+    name: str, samples: list[Sample], run: ClassRun
+) -> Iterator[tuple[RefinedBatch, np.ndarray, np.ndarray | None]]:
+    """The class's batches through `engine.refined_batches`, each with its rough and final
+    maps as evaluated (float16 (B, S, S); final None without SAM), after its panels are written
+    and the callbacks told. Maps are kept in float16, as saved with --save-maps, so saved maps
+    reproduce metrics.json exactly (the rounding moves AUROC by < 1e-4)."""
+    config = run.config
     panels = _panel_indices(samples, config.visualize_per_class)
-    loader = _class_loader(samples, size, config)
-    bar = tqdm(total=count, desc=name, unit="img", disable=not progress)
+    # uint8 images: normalized on the device (a quarter of the bytes to copy there).
+    loader = BatchLoader(samples, run.model.clip.image_size, config.batch_size, keep_rgb=True,
+                         normalized=False)  # fmt: skip
+    steps = refined_batches(loader, run.model, run.refiner, config.refine, config.seed)
+    with tqdm(total=len(samples), desc=name, unit="img", disable=not run.progress) as bar:
+        for step in steps:
+            rough, final = step.rough.astype(np.float16), step.finals()
+            final = None if final is None else final.astype(np.float16)
+            for i, index in enumerate(step.batch["indices"]):
+                if index in panels:
+                    _save_panel(run.output / "panels" / name, name, int(index), step.batch, i,
+                                rough[i], None if final is None else final[i],
+                                step.batch["masks"][i], step.results[i])  # fmt: skip
+            notify(run.callbacks, "on_batch", name, step)
+            yield step, rough, final
+            bar.update(len(step.batch["indices"]))
 
-    def finish(batch: dict, maps: np.ndarray) -> None:
-        """MMR, storage and panels of one batch whose rough maps are ready."""
-        results = mmr_seeded(maps, batch["rgb"], refiner, config.refine, config.seed,
-                             batch["indices"])  # fmt: skip
-        for i, index in enumerate(batch["indices"]):
-            # Maps are kept in float16, as saved with --save-maps, so saved maps reproduce
-            # metrics.json exactly (the rounding moves AUROC by < 1e-4).
-            rough[index], masks[index] = maps[i], batch["masks"][i]
-            if results[i] is not None:
-                final[index] = results[i].final
-            if index in panels:
-                _save_panel(output / "panels" / name, name, int(index), batch, i, rough[index],
-                            None if final is None else final[index], masks[index], results[i])  # fmt: skip
-        bar.update(len(batch["indices"]))
 
-    for batch, maps in rough_maps_ahead(loader, model):
-        finish(batch, maps)
-    bar.close()
+def class_maps(name: str, samples: list[Sample], run: ClassRun) -> ClassMaps:
+    """The rough (and final) maps of one class and its masks, writing its panels."""
+    size, count = run.model.clip.image_size, len(samples)
+    rough = np.zeros((count, size, size), np.float16)
+    final = np.zeros((count, size, size), np.float16) if run.refiner is not None else None
+    masks = np.zeros((count, size, size), bool)
+    for step, batch_rough, batch_final in _class_batches(name, samples, run):
+        indices = step.batch["indices"]
+        rough[indices], masks[indices] = batch_rough, step.batch["masks"]
+        if final is not None:
+            final[indices] = batch_final
     return ClassMaps(rough, final, masks)
 
 
@@ -200,140 +186,144 @@ def class_result(
         if maps.final is not None:
             arrays["final"] = maps.final
         (output / "maps").mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(output / "maps" / f"{name}.npz", **arrays)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        write_atomic(output / "maps" / f"{name}.npz", buffer.getvalue())
     return result
 
 
-def _evaluate_class_streaming(
-    name: str, samples: list[Sample], model: RoughMapModel, refiner, config: EvalConfig,
-    output: Path, progress: bool,
-) -> dict:  # fmt: skip
+def _evaluate_class_streaming(name: str, samples: list[Sample], run: ClassRun) -> dict:
     """`evaluate_class` in constant memory: binned APPROXIMATE pixel metrics (exact image
-    metrics), no saved maps; for classes too large to hold their maps (issue 6)."""
+    metrics), no saved maps; for classes too large to hold their maps."""
+    config = run.config
     if config.save_maps:
         raise ConfigError("--save-maps needs --metrics exact (streaming keeps no maps)")
     if config.pro_mode != "mvtec":
         raise ConfigError("--metrics streaming computes PRO in the mvtec definition only")
     from clipsam_jax.metrics.streaming import StreamingPixelMetrics
 
-    size = model.clip.image_size
     stages = {"rough": StreamingPixelMetrics()}
-    if refiner is not None:
+    if run.refiner is not None:
         stages["final"] = StreamingPixelMetrics()
-    panels = _panel_indices(samples, config.visualize_per_class)
-    bar = tqdm(total=len(samples), desc=name, unit="img", disable=not progress)
-    loader = _class_loader(samples, size, config)
-    for batch, maps in rough_maps_ahead(loader, model):
-        results = mmr_seeded(maps, batch["rgb"], refiner, config.refine, config.seed,
-                             batch["indices"])  # fmt: skip
-        rough = maps.astype(np.float16)
-        stages["rough"].update(rough, batch["masks"])
-        final = None
-        if refiner is not None:
-            final = np.stack([r.final for r in results]).astype(np.float16)
-            stages["final"].update(final, batch["masks"])
-        for i, index in enumerate(batch["indices"]):
-            if index in panels:
-                _save_panel(output / "panels" / name, name, int(index), batch, i, rough[i],
-                            None if final is None else final[i], batch["masks"][i], results[i])  # fmt: skip
-        bar.update(len(batch["indices"]))
-    bar.close()
+    for step, rough, final in _class_batches(name, samples, run):
+        stages["rough"].update(rough, step.batch["masks"])
+        if final is not None:
+            stages["final"].update(final, step.batch["masks"])
     entry = {**_class_entry(samples), "exact": False}
     return {stage: {**_json_safe(acc.compute()), **entry} for stage, acc in stages.items()}
 
 
+def _nan(metrics: dict) -> dict:
+    """None (NaN in metrics.json) back to NaN, for the means and the tables."""
+    return {k: (math.nan if v is None else v) for k, v in metrics.items()}
+
+
 def _summaries(per_class: dict[str, dict], stage: str) -> dict:
     classes = {name: r[stage] for name, r in per_class.items()}
-    numeric = {n: {k: (math.nan if v is None else v) for k, v in m.items()
-                   if k not in ("n_images", "n_anomalous", "exact")} for n, m in classes.items()}  # fmt: skip
+    counts = ("n_images", "n_anomalous", "exact")
+    numeric = {n: {k: v for k, v in _nan(m).items() if k not in counts} for n, m in classes.items()}
     return {"classes": classes, "mean": _json_safe(mean_over_classes(numeric))}
 
 
 def evaluate(
     config: EvalConfig,
     *,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
     progress: bool = True,
     model: RoughMapModel | None = None,
     refiner=None,
-    clip_overrides: dict | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict:
     """Run the evaluation described by `config`; returns the content of metrics.json.
 
-    With a trained head the CLIP settings come from its checkpoint; `clip_overrides` (e.g.
-    {"image_size": 336}) replaces some of them. `model` / `refiner` inject prebuilt stages.
+    With a trained head the CLIP settings come from its checkpoint except those named in
+    `config.clip_given` (e.g. ("image_size",)). `model` / `refiner` inject prebuilt stages.
+    `callbacks` observe the run (`engine.Callback`: class start and end, every batch).
+    `runtime` says how fast and where (not what) it computes; metrics.json records it.
     """
+    options.check(config)  # the flags' rules, for configs built in code too
+    options.check(runtime)
     config = resolve_paths(config)
+    if model is None:
+        check_inputs(config.clip, config.checkpoint, config.no_umci, config.clip_given,
+                     config.refine.sam_checkpoint)  # fmt: skip
     dataset = load_dataset(config.dataset, config.data_root, classes=config.classes)
-    model = model or load_rough_map_model(
-        config.clip, config.checkpoint, config.no_umci, config.batch_size, clip_overrides
-    )
+    if refiner is None:  # before CLIP: a missing SAM checkpoint fails at once
+        refiner = build_refiner(config.refine, runtime)
+    model = model or load_rough_map_model(config.clip, config.checkpoint, config.no_umci,
+                                          config.batch_size, config.clip_given, runtime)  # fmt: skip
     if model.clip_config is not None:
         config = dataclasses.replace(config, clip=model.clip_config)  # what actually ran
-    if refiner is None:
-        refiner = build_refiner(config.refine)
     output = Path(config.output)
-    (output / "classes").mkdir(parents=True, exist_ok=True)
-    key = _class_key(config, model)
-    per_class = {}
-    todo = []
-    for name in sorted(dataset):
-        record = output / "classes" / f"{name}.json"
-        if record.is_file():
-            saved = json.loads(record.read_text())
-            maps_ok = not config.save_maps or (output / "maps" / f"{name}.npz").is_file()
-            if saved.get("key") == key and maps_ok:
-                logger.info("%s: reusing the result in %s", name, record)
-                per_class[name] = saved["result"]
-                continue
-        todo.append(name)
+    with hold(output, "evaluation"):  # one live evaluation per output folder
+        (output / "classes").mkdir(parents=True, exist_ok=True)
+        key = _class_key(config, model)
+        per_class = {}
+        todo = []
+        for name in sorted(dataset):
+            record = output / "classes" / f"{name}.json"
+            if record.is_file():
+                saved = json.loads(record.read_text())
+                maps_ok = not config.save_maps or (output / "maps" / f"{name}.npz").is_file()
+                if saved.get("key") == key and maps_ok:
+                    logger.info("%s: reusing the result in %s", name, record)
+                    per_class[name] = saved["result"]
+                    continue
+            todo.append(name)
 
-    def keep(name: str, result: dict) -> None:
-        per_class[name] = result
-        record = output / "classes" / f"{name}.json"
-        record.write_text(json.dumps({"key": key, "result": result}, indent=2))
+        def keep(name: str, result: dict) -> None:
+            notify(callbacks, "on_class_end", name, result)
+            per_class[name] = result
+            record = output / "classes" / f"{name}.json"
+            write_atomic(record, json.dumps({"key": key, "result": result}, indent=2))
 
-    if overlap_classes(config):
-        _evaluate_overlapped(todo, dataset, model, refiner, config, output, progress, keep)
-    else:
-        for name in todo:
-            keep(
-                name, evaluate_class(name, dataset[name], model, refiner, config, output, progress)
-            )
-    per_class = {name: per_class[name] for name in sorted(per_class)}
+        run = ClassRun(model, refiner, config, output, progress, tuple(callbacks))
+        if overlap_classes(config, runtime):
+            _evaluate_overlapped(todo, dataset, run, keep)
+        else:
+            for name in todo:
+                notify(callbacks, "on_class_start", name, dataset[name])
+                keep(name, evaluate_class(name, dataset[name], run))
+        per_class = {name: per_class[name] for name in sorted(per_class)}
 
-    report = {
-        "dataset": config.dataset,
-        "pro_mode": config.pro_mode,
-        "metrics_mode": "exact" if config.metrics == "exact" else "streaming (binned, approximate)",
-        "config": config_lib.to_dict(config),
-        "head": "zero-shot" if model.head_config is None else dataclasses.asdict(model.head_config),
-        "checkpoint_step": model.checkpoint_step,
-        "rough": _summaries(per_class, "rough"),
-    }
-    if refiner is not None:
-        report["final"] = _summaries(per_class, "final")
-    (output / "metrics.json").write_text(json.dumps(report, indent=2))
-    rough_rows = {n: r["rough"] for n, r in per_class.items()}
-    final_rows = {n: r["final"] for n, r in per_class.items()} if refiner is not None else None
-    markdown, csv = format_table(_nan(rough_rows), _nan(final_rows), columns=TABLE_COLUMNS)
-    (output / "table.md").write_text(markdown)
-    (output / "table.csv").write_text(csv)
-    return report
+        report = {
+            "dataset": config.dataset,
+            "pro_mode": config.pro_mode,
+            "metrics_mode": "exact"
+            if config.metrics == "exact"
+            else "streaming (binned, approximate)",
+            "config": config_lib.to_dict(config),
+            "runtime": config_lib.to_dict(runtime),
+            "head": "zero-shot"
+            if model.head_config is None
+            else dataclasses.asdict(model.head_config),
+            "checkpoint_step": model.checkpoint_step,
+            "rough": _summaries(per_class, "rough"),
+        }
+        if refiner is not None:
+            report["final"] = _summaries(per_class, "final")
+        write_atomic(output / "metrics.json", json.dumps(report, indent=2))
+        rows = {stage: {n: _nan(r[stage]) for n, r in per_class.items()} for stage in report
+                if stage in ("rough", "final")}  # fmt: skip
+        markdown, csv = format_table(rows["rough"], rows.get("final"), columns=TABLE_COLUMNS)
+        write_atomic(output / "table.md", markdown)
+        write_atomic(output / "table.csv", csv)
+        return report
 
 
-def overlap_classes(config: EvalConfig) -> bool:
+def overlap_classes(config: EvalConfig, runtime: RuntimeConfig) -> bool:
     """Whether `evaluate` computes a class's metrics while the next class's maps are made:
-    config.overlap_classes, "auto" = on accelerators (exact metrics only)."""
-    if config.metrics != "exact" or config.overlap_classes == "off":
+    runtime.overlap_classes, "auto" = on accelerators (exact metrics only)."""
+    if config.metrics != "exact" or runtime.overlap_classes == "off":
         return False
-    if config.overlap_classes == "on":
+    if runtime.overlap_classes == "on":
         return True
     import jax
 
     return jax.default_backend() != "cpu"
 
 
-def _evaluate_overlapped(todo, dataset, model, refiner, config, output, progress, keep) -> None:
+def _evaluate_overlapped(todo: list[str], dataset, run: ClassRun, keep) -> None:
     """`evaluate_class` of each class in `todo`, a class's metrics (host threads) running while
     the next class's maps are computed (accelerator), so neither waits for the other; at most
     two classes' maps are held. `keep(name, result)` records each class in order; a failure
@@ -351,18 +341,14 @@ def _evaluate_overlapped(todo, dataset, model, refiner, config, output, progress
         try:
             for name in todo:
                 samples = dataset[name]
-                maps = class_maps(name, samples, model, refiner, config, output, progress)
+                notify(run.callbacks, "on_class_start", name, samples)
+                maps = class_maps(name, samples, run)
                 settle()
-                pending = (name, scorer.submit(class_result, name, samples, maps, config, output))
+                job = scorer.submit(class_result, name, samples, maps, run.config, run.output)
+                pending = (name, job)
                 del maps
             settle()
         except BaseException:
             if pending is not None and pending[1].exception() is None:
                 settle()  # a failure in the next class keeps the one already scored
             raise
-
-
-def _nan(rows: dict | None) -> dict | None:
-    if rows is None:
-        return None
-    return {n: {k: (math.nan if v is None else v) for k, v in m.items()} for n, m in rows.items()}

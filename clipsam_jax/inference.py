@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from clipsam_jax import config as config_lib
-from clipsam_jax.checkpoint import load_head
+from clipsam_jax.checkpoint import head_directory, load_head
 from clipsam_jax.clip.features import (
     AttentionImpl,
     device_pixels,
@@ -25,11 +26,11 @@ from clipsam_jax.clip.features import (
     resolve_fuse_qkv,
     vision_forward,
 )
-from clipsam_jax.clip.loading import ClipModel, load_clip
+from clipsam_jax.clip.loading import ClipModel, load_clip, looks_local, resolve_local
 from clipsam_jax.clip.prompts import TextFeatures
-from clipsam_jax.config import ClipConfig, HeadConfig
+from clipsam_jax.config import DEFAULT_RUNTIME, ClipConfig, HeadConfig, RuntimeConfig
 from clipsam_jax.errors import CheckpointError
-from clipsam_jax.models.heads import build_head, head_rough_map
+from clipsam_jax.models.heads import build_head, check_head_fits, head_rough_map
 from clipsam_jax.models.zero_shot import zero_shot_logits
 from clipsam_jax.parallel.mesh import data_mesh, pad_to, replicate, shard_batch, to_host
 
@@ -49,6 +50,7 @@ class RoughMapModel:
     checkpoint_step: int | None = None
     mesh: Mesh | None = None  # data-parallel devices; default: every device
     attention: AttentionImpl | None = None  # None: clip.attention (clip.features.resolve_attention)
+    conv_impl: str = "auto"  # the head's convolutions (RuntimeConfig.conv_impl)
 
     def __post_init__(self):
         self.mesh = self.mesh or data_mesh()
@@ -62,8 +64,8 @@ class RoughMapModel:
         head = None
         if self.head_config is not None:
             head = build_head(
-                inference_head_config(self.head_config), clip.text_dim, len(layers),
-                clip.module.dtype,
+                self.head_config, clip.text_dim, len(layers), clip.module.dtype,
+                inference_conv_impl(self.conv_impl),
             )  # fmt: skip
 
         to_rough_map = head_rough_map(self.head_config)
@@ -138,21 +140,32 @@ def rough_maps_ahead(
         yield previous
 
 
-def inference_head_config(config: HeadConfig) -> HeadConfig:
-    """`config` for a forward pass only: conv_impl "auto" becomes XLA's own convolution, the
-    fastest forward form on CPU too (the shifted matmuls that "auto" picks on CPU pay off in the
-    backward pass: benchmarks/head_forward.py). Same params, same function."""
-    if config.conv_impl != "auto":
-        return config
-    return dataclasses.replace(config, conv_impl="xla")
+def inference_conv_impl(conv_impl: str) -> str:
+    """The head's convolution form for a forward pass: "auto" is XLA's own, the fastest forward
+    on CPU too (the shifted matmuls "auto" trains with on CPU pay off in the backward pass)."""
+    return "xla" if conv_impl == "auto" else conv_impl
 
 
 def checkpoint_clip_config(meta: dict) -> ClipConfig:
-    """The CLIP settings a head was trained with (from its checkpoint metadata). The attention
-    implementation is not among them: it is the machine's choice (the same function), so a head
-    trained on a GPU with "cudnn" evaluates on a CPU with the default."""
-    clip = config_lib.from_dict(ClipConfig, meta["config"]["clip"])
-    return dataclasses.replace(clip, attention=ClipConfig.attention)
+    """The CLIP settings a head was trained with (from its checkpoint metadata)."""
+    return config_lib.from_dict(ClipConfig, meta["config"]["clip"])
+
+
+NO_HEAD_HINT = " Or pass --no-umci for the zero-shot map (no trained head)."
+
+
+def check_inputs(clip_config: ClipConfig, checkpoint: str | None, no_umci: bool,
+                 clip_given: Sequence[str], sam_checkpoint: str | None = None) -> None:  # fmt: skip
+    """The input paths of an evaluation or prediction, checked before anything loads: the
+    head's workdir, a local CLIP directory (when it is the one used), the SAM file."""
+    if not no_umci:
+        if checkpoint is None:
+            raise CheckpointError("no --checkpoint given" + NO_HEAD_HINT)
+        head_directory(checkpoint, NO_HEAD_HINT)
+    if (no_umci or "model" in clip_given) and looks_local(clip_config.model):
+        resolve_local(Path(clip_config.model).expanduser())
+    if sam_checkpoint is not None and not Path(sam_checkpoint).expanduser().exists():
+        raise CheckpointError(f"--sam-checkpoint {sam_checkpoint}: no such file")
 
 
 def load_rough_map_model(
@@ -160,29 +173,34 @@ def load_rough_map_model(
     checkpoint: str | None,
     no_umci: bool = False,
     batch_size: int = 8,
-    overrides: dict | None = None,
+    clip_given: Sequence[str] = (),
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
     mesh: Mesh | None = None,
 ) -> RoughMapModel:
     """Build the rough-map model for evaluation or prediction.
 
     With a checkpoint, the CLIP model, S, feature layers and prompts come from the training run
-    unless `overrides` (e.g. {"image_size": 336}) sets them; the head config (strip/scale, c_h,
-    pools) always comes from the checkpoint. With `no_umci`, `clip_config` is used as given.
+    except the fields of `clip_config` named in `clip_given` (e.g. ("image_size",)); the head
+    config (strip/scale, c_h, pools) always comes from the checkpoint. With `no_umci`,
+    `clip_config` is used as given. `runtime`: attention and convolution forms, cache folder.
     """
     head_config = head_params = None
     if not no_umci:
         if checkpoint is None:
             raise CheckpointError("no --checkpoint given (or pass --no-umci for the zero-shot map)")
-        head_params, meta = load_head(checkpoint)
+        head_params, meta = load_head(checkpoint, hint=NO_HEAD_HINT)
         head_config = config_lib.from_dict(HeadConfig, meta["config"]["head"])
-        clip_config = dataclasses.replace(checkpoint_clip_config(meta), **(overrides or {}))
+        clip_config = config_lib.resolve_clip(
+            checkpoint_clip_config(meta), clip_config, tuple(clip_given)
+        )
         trained_size = meta["config"]["clip"]["image_size"]
         if clip_config.image_size != trained_size:
             logger.warning("head trained at S=%d, evaluated at S=%d", trained_size,
                            clip_config.image_size)  # fmt: skip
     clip = load_clip(clip_config.model, clip_config.image_size, clip_config.feature_layers,
-                     clip_config.cache_dir, clip_config.dtype, clip_config.attention)  # fmt: skip
+                     runtime.cache_dir, clip_config.dtype, runtime.clip_attention)  # fmt: skip
     if head_params is not None:
+        check_head_fits(head_config, clip.grid, clip.image_size)
         expected = meta.get("num_stages")
         if expected is not None and expected != len(clip.feature_layers):
             raise CheckpointError(
@@ -195,9 +213,8 @@ def load_rough_map_model(
                 f"{clip_config.model} has {clip.feature_dim}"
             )
         head_params = jax.tree.map(jnp.asarray, head_params)
-    text = TextFeatures(clip, clip_config.templates, clip_config.object_name, clip_config.cache_dir,
+    text = TextFeatures(clip, clip_config.templates, clip_config.object_name, runtime.cache_dir,
                         normalization=clip_config.prompt_normalization)  # fmt: skip
     step = None if no_umci else meta.get("step")
-    return RoughMapModel(
-        clip, text, head_config, head_params, batch_size, clip_config, step, mesh=mesh
-    )
+    return RoughMapModel(clip, text, head_config, head_params, batch_size, clip_config, step,
+                         mesh=mesh, conv_impl=runtime.conv_impl)  # fmt: skip

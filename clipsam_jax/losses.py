@@ -1,4 +1,4 @@
-"""Focal + soft dice per stage, weighted over stages (Sec. 3.4, Eq. 10-12, SPEC §3)."""
+"""Focal + soft dice per stage, weighted over stages (Sec. 3.4, Eq. 10-12, docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def total_loss(
     """Σ_i λ_i (focal_i + dice_i) (Eq. 12) and its per-stage parts.
 
     stage_logits: sequence of (B, H, W, 2); masks bool (B, S, S). With resolution "image" the
-    logits are upsampled to S×S (SPEC §3 choice); with "grid" the masks come down to H×W.
+    logits are upsampled to S×S (docs/method.md §3 choice); with "grid" the masks come down to H×W.
     """
     if len(config.stage_weights) != len(stage_logits):
         raise ValueError(

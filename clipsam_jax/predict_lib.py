@@ -1,7 +1,7 @@
 """Anomaly maps for arbitrary images (no dataset, no ground truth): `predict(config)`.
 
 Images (one file, or a folder scanned for IMAGE_SUFFIXES) → CLIP + head rough maps O (S×S) in
-batches → MMR with SAM (SPEC §4; each image its own prompts, SAM batched over a batch's
+batches → MMR with SAM (docs/method.md §4; each image its own prompts, SAM batched over a batch's
 images) → per image, in the output folder:
 
 - `<name>_map.png`: the anomaly map (the final map when SAM runs, else the rough map) at the
@@ -14,7 +14,7 @@ images) → per image, in the output folder:
 - `<name>_overlay.png`: the map's JET heatmap blended over the image.
 - `<name>_result.json`: scores, box count, file names and the model settings.
 
-`score` is the image score of SPEC §5 (the maximum of the map) taken on the saved map, so it
+`score` is the image score of docs/method.md §5 (the maximum of the map) taken on the saved map, so it
 equals the maximum of `<name>_map.npy`; bilinear upsampling never exceeds the grid's maximum, so
 it can sit slightly below the S×S maximum that `eval.main` uses, which `grid_score` reports.
 
@@ -34,25 +34,28 @@ import dataclasses
 import io
 import json
 import logging
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import cv2
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from clipsam_jax import config as config_lib
+from clipsam_jax import options
 from clipsam_jax.clip.prompts import object_name
-from clipsam_jax.config import ClipConfig, RefineConfig
-from clipsam_jax.data.image_io import IMAGE_SUFFIXES, read_image, resize_rgb
+from clipsam_jax.config import DEFAULT_RUNTIME, ClipConfig, RefineConfig, RuntimeConfig
+from clipsam_jax.data.image_io import IMAGE_SUFFIXES
+from clipsam_jax.data.pipeline import BatchLoader
+from clipsam_jax.data.types import Sample
+from clipsam_jax.engine import refined_batches
 from clipsam_jax.errors import ConfigError, DatasetError, ImageReadError
-from clipsam_jax.inference import RoughMapModel, load_rough_map_model, rough_maps_ahead
-from clipsam_jax.refine.fusion import MMRResult, mmr_seeded
+from clipsam_jax.inference import RoughMapModel, check_inputs, load_rough_map_model
+from clipsam_jax.options import option
+from clipsam_jax.outputs import png_bytes, write_atomic
+from clipsam_jax.refine.fusion import MMRResult
+from clipsam_jax.refine.registry import build_refiner
 from clipsam_jax.visualize import overlay
 
 logger = logging.getLogger(__name__)
@@ -66,17 +69,21 @@ CSV_COLUMNS = ("path", "score", "rough_score", "sam_boxes", "name", "error")
 class PredictConfig:
     """What `python -m eval.predict` runs; see the module docstring for the outputs."""
 
-    inputs: str  # an image file or a folder of images
-    output: str
-    class_name: str | None = None  # None / "": prompts use `object` (Appendix A)
-    checkpoint: str | None = None  # training workdir of the head; unused with no_umci
-    no_umci: bool = False
-    recursive: bool = False
-    map_format: Literal["png", "npy"] = "png"
-    mask_threshold: float | None = None  # None: refine.threshold
-    batch_size: int = 8
-    seed: int = 0
+    inputs: str = option(help="an image file or a folder", cli=False)  # the positional argument
+    output: str = option(help="folder for the results")
+    class_name: str | None = option(
+        None, "object name for the prompts (default: 'object', Appendix A)")  # fmt: skip
+    checkpoint: str | None = option(None, "training workdir of the head (unused with --no-umci)")
+    no_umci: bool = option(False, "zero-shot map, no trained head")
+    recursive: bool = option(False, "also scan sub-folders")
+    map_format: Literal["png", "npy"] = option(
+        "png", "png: 16-bit, value = pixel / 65535; npy: float32")  # fmt: skip
+    mask_threshold: float | None = option(
+        None, "binary mask threshold (default: --threshold)", minimum=0.0, maximum=1.0)  # fmt: skip
+    batch_size: int = option(8, "images per batch", minimum=1)
+    seed: int = option(0, "seed of MMR's point sampling")
     clip: ClipConfig = field(default_factory=ClipConfig)
+    clip_given: tuple[str, ...] = ()  # as EvalConfig.clip_given
     refine: RefineConfig = field(default_factory=RefineConfig)
 
 
@@ -91,17 +98,9 @@ def _is_hidden(relative: Path) -> bool:
 def find_images(
     inputs: str | Path, recursive: bool = False, exclude: Path | None = None
 ) -> tuple[list[Path], Path]:
-    """The images to process and the folder their names are relative to.
-
-    Args:
-      inputs: an image file (taken as is, whatever its suffix) or a folder, scanned for
-        IMAGE_SUFFIXES (case-insensitive), hidden files and folders skipped.
-      recursive: also scan sub-folders.
-      exclude: a folder left out of the scan (the output folder, when it lies inside inputs).
-
-    Returns:
-      (paths sorted by their relative path, root folder).
-    """
+    """(The images to process, sorted by relative path; the folder they are relative to).
+    `inputs`: an image file (taken whatever its suffix) or a folder scanned for IMAGE_SUFFIXES
+    (any case; hidden files and folders skipped, `exclude`, e.g. the output folder, too)."""
     path = Path(inputs).expanduser()
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder; give an image file or a folder of "
@@ -147,19 +146,6 @@ def output_names(paths: list[Path], root: Path) -> list[str]:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomic(target: Path, payload: bytes) -> None:
-    """Write via a temporary name + rename, so a crash never leaves a half-written file."""
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_bytes(payload)
-    os.replace(temporary, target)
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def map_to_png16(values: np.ndarray) -> np.ndarray:
     """float (H, W) → uint16 (H, W), round(clip(v, 0, 1) · 65535); decode with pixel / 65535."""
     return np.rint(np.clip(np.nan_to_num(values), 0.0, 1.0) * PNG_SCALE).astype(np.uint16)
@@ -190,12 +176,12 @@ def write_image_outputs(
     if map_format == "npy":
         buffer = io.BytesIO()
         np.save(buffer, values.astype(np.float32))
-        _write_atomic(output / files["map"], buffer.getvalue())
+        write_atomic(output / files["map"], buffer.getvalue())
     else:
-        _write_atomic(output / files["map"], _png_bytes(map_to_png16(values)))
+        write_atomic(output / files["map"], png_bytes(map_to_png16(values)))
     mask = (values > mask_threshold).astype(np.uint8) * 255
-    _write_atomic(output / files["mask"], _png_bytes(mask))
-    _write_atomic(output / files["overlay"], _png_bytes(overlay(rgb, values)))
+    write_atomic(output / files["mask"], png_bytes(mask))
+    write_atomic(output / files["overlay"], png_bytes(overlay(rgb, values)))
     return files
 
 
@@ -205,8 +191,8 @@ def _write_summary(output: Path, rows: dict[int, dict], report: dict) -> None:
     writer.writeheader()
     for _, row in sorted(rows.items()):
         writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
-    _write_atomic(output / SUMMARY_FILES[0], buffer.getvalue().encode())
-    _write_atomic(output / SUMMARY_FILES[1], json.dumps(report, indent=2).encode())
+    write_atomic(output / SUMMARY_FILES[0], buffer.getvalue().encode())
+    write_atomic(output / SUMMARY_FILES[1], json.dumps(report, indent=2).encode())
 
 
 # --------------------------------------------------------------------------- prediction
@@ -233,44 +219,6 @@ def _check_output(output: Path, inputs: Path) -> None:
             f"--output {output} is the input folder; give another folder so the maps and "
             "overlays are not mixed with (and later read as) input images"
         )
-
-
-def _read_batches(
-    paths: list[Path], size: int, batch_size: int, class_name: str | None,
-    pool: ThreadPoolExecutor, on_error: Callable[[int, ImageReadError], None],
-) -> Iterator[dict]:  # fmt: skip
-    """Batches of the readable images of `paths`: {"indices", "rgb" (uint8 (H, W, 3) each),
-    "images" uint8 (B, S, S, 3) resized, "class_names"}. Images are read and resized in `pool`'s
-    threads, the next batch while the current one is processed; an unreadable file goes to
-    `on_error(index, error)` and is left out (a batch with none left is not yielded)."""
-
-    def read(index: int):
-        try:
-            rgb = read_image(paths[index])
-        except ImageReadError as error:
-            return None, None, error
-        return rgb, resize_rgb(rgb, size), None  # uint8: the model normalizes on the device
-
-    def submit(start: int) -> list:
-        stop = min(start + batch_size, len(paths))
-        return [(index, pool.submit(read, index)) for index in range(start, stop)]
-
-    pending = submit(0)
-    for start in range(0, len(paths), batch_size):
-        current, pending = pending, submit(start + batch_size)
-        batch = {"indices": [], "rgb": [], "images": []}
-        for index, future in current:
-            rgb, pixels, error = future.result()
-            if error is not None:
-                on_error(index, error)
-                continue
-            batch["indices"].append(index)
-            batch["rgb"].append(rgb)
-            batch["images"].append(pixels)
-        if batch["indices"]:
-            batch["images"] = np.stack(batch["images"])
-            batch["class_names"] = [class_name] * len(batch["indices"])
-            yield batch
 
 
 def _predict_image(
@@ -303,40 +251,41 @@ def _predict_image(
         "map_scale": job["map_scale"], "mask_threshold": job["threshold"],
         "model": job["model"],
     }  # fmt: skip
-    _write_atomic(job["output"] / f"{name}_result.json", json.dumps(entry, indent=2).encode())
+    write_atomic(job["output"] / f"{name}_result.json", json.dumps(entry, indent=2).encode())
     return entry
 
 
 def predict(
     config: PredictConfig,
     *,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
     progress: bool = True,
     model: RoughMapModel | None = None,
     refiner=None,
-    clip_overrides: dict | None = None,
 ) -> dict:
     """Predict anomaly maps for `config.inputs`; returns the content of predictions.json.
 
-    With a trained head the CLIP settings come from its checkpoint unless `clip_overrides`
-    sets some of them; with `no_umci`, `config.clip` is used. `model` / `refiner` inject
-    prebuilt stages. Unreadable images are skipped with a warning and listed under "skipped";
-    when no image can be read, `ImageReadError` lists them all.
+    With a trained head the CLIP settings come from its checkpoint except those named in
+    `config.clip_given`; with `no_umci`, `config.clip` is used. `model` / `refiner` inject
+    prebuilt stages; `runtime`: how fast and where they compute. Unreadable images are skipped
+    with a warning and listed under "skipped"; when none can be read, `ImageReadError` lists
+    them all.
     """
-    if config.batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {config.batch_size}")
+    options.check(config)  # the flags' rules, for configs built in code too
+    options.check(runtime)
     output = Path(config.output).expanduser()
     inputs = Path(config.inputs).expanduser()
     _check_output(output, inputs)  # cheap checks first, before any model is loaded
     paths, root = find_images(inputs, config.recursive, exclude=output)
     if config.no_umci and config.checkpoint:
         logger.warning("--no-umci: the head in %s is not used", config.checkpoint)
-    if model is None:
+    if model is None:  # the paths first; SAM before CLIP: a missing SAM file fails at once
+        check_inputs(config.clip, config.checkpoint, config.no_umci, config.clip_given,
+                     config.refine.sam_checkpoint)  # fmt: skip
+        refiner = refiner or build_refiner(config.refine, runtime)
         model = load_rough_map_model(config.clip, config.checkpoint, config.no_umci,
-                                     config.batch_size, clip_overrides)  # fmt: skip
-    if refiner is None and config.refine.sam != "none":
-        from clipsam_jax.eval_lib import build_refiner  # torch only when SAM is used
-
-        refiner = build_refiner(config.refine)
+                                     config.batch_size, config.clip_given, runtime)  # fmt: skip
+    refiner = refiner or build_refiner(config.refine, runtime)
     if output.is_dir() and any(output.iterdir()):
         logger.info("%s already holds files: only those of the images processed now (and the "
                     "summary %s) are replaced, nothing is deleted", output,
@@ -364,18 +313,16 @@ def predict(
         rows[index] = {"path": str(paths[index]), "error": str(error)}
         bar.update(1)
 
-    # Reading (threads), CLIP + head (JAX, asynchronous) and SAM (PyTorch) overlap: the next
-    # batch is read and its rough maps computed while SAM refines the current one.
-    pool = ThreadPoolExecutor(min(config.batch_size, os.cpu_count() or 1, 8), "predict-read")
+    # The images as samples without masks, read in threads ahead of the model (uint8: the model
+    # normalizes them on the device); unreadable ones are skipped.
+    samples = [Sample(p, None, config.class_name or None, "", 0) for p in paths]
+    batches = BatchLoader(samples, model.clip.image_size, config.batch_size, keep_rgb=True,
+                          normalized=False, on_error=skip)  # fmt: skip
     try:
-        batches = _read_batches(paths, model.clip.image_size, config.batch_size,
-                                config.class_name or None, pool, skip)  # fmt: skip
-        for batch, rough_maps in rough_maps_ahead(batches, model):
-            # Seeded by the image's position in the sorted list of paths.
-            results = mmr_seeded(rough_maps, batch["rgb"], refiner, config.refine, config.seed,
-                                 batch["indices"])  # fmt: skip
-            for index, rgb, rough, result in zip(batch["indices"], batch["rgb"], rough_maps,
-                                                 results, strict=True):  # fmt: skip
+        for step in refined_batches(batches, model, refiner, config.refine, config.seed):
+            # MMR seeded by the image's position in the sorted list of paths.
+            for index, rgb, rough, result in zip(step.batch["indices"], step.batch["rgb"],
+                                                 step.rough, step.results, strict=True):  # fmt: skip
                 entry = _predict_image(index, rgb, rough, result, config, job)
                 rows[index] = {"path": entry["image"], "score": entry["score"],
                                "rough_score": entry["rough_score"],
@@ -384,7 +331,6 @@ def predict(
                 bar.update(1)
         report["complete"] = True
     finally:
-        pool.shutdown(cancel_futures=True)
         bar.close()
         if rows:  # also after an interruption: the summary of what is on disk
             _write_summary(output, rows, report)

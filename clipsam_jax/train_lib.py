@@ -1,6 +1,6 @@
 """Training the head (Sec. 3.4, 4.1): `train(config)` runs or resumes a run in its workdir.
 
-Cross-dataset protocol (SPEC §3): the head trains on the *test* split of the training dataset
+Cross-dataset protocol (docs/method.md §3): the head trains on the *test* split of the training dataset
 (it has masks). CLIP features are computed once per image and cached on disk in float16; each
 epoch visits the images in an order derived from (seed, epoch), so a resumed run replays
 exactly the batches an uninterrupted one would have seen.
@@ -8,6 +8,7 @@ exactly the batches an uninterrupted one would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,16 +21,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipsam_jax import config as config_lib
+from clipsam_jax import options
 from clipsam_jax.checkpoint import HeadCheckpointer
 from clipsam_jax.clip.cache import BatchEncoder, FeatureCache
-from clipsam_jax.clip.loading import ClipModel, load_clip
+from clipsam_jax.clip.loading import ClipModel, load_clip, looks_local, resolve_local
 from clipsam_jax.clip.prompts import TextFeatures
-from clipsam_jax.config import TrainConfig
+from clipsam_jax.config import DEFAULT_RUNTIME, RuntimeConfig, TrainConfig
 from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.registry import load_dataset
 from clipsam_jax.data.types import Sample
 from clipsam_jax.errors import ConfigError, DatasetError, NonFiniteLossError
+from clipsam_jax.models.heads import check_head_fits
 from clipsam_jax.models.init import init_params
+from clipsam_jax.outputs import hold, write_atomic
 from clipsam_jax.train_step import TrainState, create_state, train_step_for
 
 logger = logging.getLogger(__name__)
@@ -38,7 +42,7 @@ logger = logging.getLogger(__name__)
 # a step): everything else must match the saved config.json.
 RESUMABLE_KEYS = (
     "data_root", "workdir", "max_steps", "checkpoint_every_steps", "max_to_keep",
-    "feature_cache", "feature_cache_dir", "clip.cache_dir", "optim.epochs",
+    "feature_cache", "feature_cache_dir", "optim.epochs",
 )  # fmt: skip
 
 
@@ -74,13 +78,18 @@ def _comparable(values: dict) -> dict:
 
 
 def check_workdir(config: TrainConfig) -> None:
-    """Refuse a workdir holding a run of another config; record the config in a new one."""
+    """Refuse a workdir that cannot hold this run: a file, or a run of another config (one with
+    checkpoints). Writes nothing: `record_config` does, once the inputs have checked out, so a
+    run that fails before that never blocks a corrected rerun."""
     workdir = Path(config.workdir)
-    saved_path = workdir / "config.json"
-    current = config_lib.to_dict(config)
-    if saved_path.is_file():
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file; give a folder for the run")
+    saved_path, trained = workdir / "config.json", _has_checkpoints(workdir)
+    if saved_path.is_file() and trained:
         saved = json.loads(saved_path.read_text())
-        differences = config_lib.diff(_comparable(saved), _comparable(current))
+        with contextlib.suppress(ValueError, TypeError):  # older layouts (from_dict migrates)
+            saved = config_lib.to_dict(config_lib.from_dict(TrainConfig, saved))
+        differences = config_lib.diff(_comparable(saved), _comparable(config_lib.to_dict(config)))
         if differences:
             raise ConfigError(
                 f"{workdir} holds a run with another config; resuming it with these settings "
@@ -88,10 +97,20 @@ def check_workdir(config: TrainConfig) -> None:
                 + "\n  ".join(differences)
                 + f"\nUse another --workdir, or delete {workdir} to start over."
             )
-    elif workdir.is_dir() and (workdir / "checkpoints").is_dir():
+    elif trained:
         raise ConfigError(f"{workdir} has checkpoints but no config.json; use another --workdir")
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+    folder = workdir / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def record_config(config: TrainConfig) -> None:
+    """Write the run's config.json (atomically), which later runs in the workdir must match."""
+    workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    saved_path.write_text(json.dumps(current, indent=2))
+    write_atomic(workdir / "config.json", json.dumps(config_lib.to_dict(config), indent=2))
 
 
 def training_samples(config: TrainConfig) -> list[Sample]:
@@ -112,18 +131,26 @@ def training_samples(config: TrainConfig) -> list[Sample]:
 
 
 class _LogFile:
-    """Append-only JSON-lines training log; a resume drops the entries after its step."""
+    """Append-only JSON-lines training log; a resume drops the entries after its step (and a
+    last line cut short by a killed run)."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]  # fmt: skip
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) is not None
+                    and _logged_step(line) <= resume_step]  # fmt: skip
+            write_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, entry: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _batches(
@@ -149,29 +176,44 @@ def _batches(
 def train(
     config: TrainConfig,
     *,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
     clip: ClipModel | None = None,
 ) -> TrainSummary:
-    """Train (or resume) the head described by `config` in `config.workdir`.
+    """Train (or resume) the head described by `config` in `config.workdir`, computing as
+    `runtime` says (attention and convolution forms, cache folder: the same function).
 
     on_step(step, metrics) is called after every step (tests use it to simulate a crash).
     Checkpoints are written every `checkpoint_every_steps` steps, at each epoch end and when
     the run stops (`max_steps`, Ctrl-C). A non-finite loss raises `NonFiniteLossError` naming
     the step; the checkpoints already written stay intact.
     """
+    options.check(config)  # the flags' rules, for configs built in code too
+    options.check(runtime)
     config = resolve_paths(config)
-    if config.optim.batch_size < 1 or config.optim.epochs < 1:
-        raise ConfigError("batch size and epochs must be positive")
+    if clip is None and looks_local(config.clip.model):  # before the data: a mistyped --clip
+        resolve_local(Path(config.clip.model).expanduser())
     check_workdir(config)
     workdir = Path(config.workdir)
     samples = training_samples(config)
     clip = clip or load_clip(
         config.clip.model, config.clip.image_size, config.clip.feature_layers,
-        config.clip.cache_dir, config.clip.dtype, config.clip.attention,
+        runtime.cache_dir, config.clip.dtype, runtime.clip_attention,
     )  # fmt: skip
-    text = TextFeatures(clip, config.clip.templates, config.clip.object_name, config.clip.cache_dir,
+    check_head_fits(config.head, clip.grid, clip.image_size)
+    text = TextFeatures(clip, config.clip.templates, config.clip.object_name, runtime.cache_dir,
                         normalization=config.clip.prompt_normalization)  # fmt: skip
+    with hold(workdir, "training"):  # one live run per workdir
+        check_workdir(config)  # again, under the lock: another run may have started meanwhile
+        record_config(config)  # the inputs checked out: the workdir now holds this run
+        return _run(config, runtime, clip, text, samples, progress, on_step)
+
+
+def _run(config: TrainConfig, runtime: RuntimeConfig, clip: ClipModel, text: TextFeatures,
+         samples: list[Sample], progress: bool, on_step) -> TrainSummary:  # fmt: skip
+    """The training loop of `train`, in a checked and locked workdir."""
+    workdir = Path(config.workdir)
     cache = None
     if config.feature_cache and not config.mosaic:
         cache = FeatureCache(config.feature_cache_dir, clip)
@@ -182,7 +224,7 @@ def train(
     encode = None if cache is not None else BatchEncoder(clip, config.optim.batch_size)
     num_stages = len(clip.feature_layers)
     head, optimizer, train_step = train_step_for(
-        config.head, clip.text_dim, num_stages, config.loss, config.optim
+        config.head, clip.text_dim, num_stages, config.loss, config.optim, runtime.conv_impl
     )
     grid = clip.grid
     params = init_params(
@@ -211,6 +253,11 @@ def train(
                               {**meta, "step": done, "epoch": done / steps_per_epoch})  # fmt: skip
 
     step = int(state.step)
+    summary_path = workdir / "summary.json"
+    if resumed_from is not None and step >= total_steps and summary_path.is_file():
+        logger.info("%s is already trained to step %d; nothing to do", workdir, step)
+        checkpointer.close()
+        return TrainSummary(**json.loads(summary_path.read_text()))  # the finished run's
     last_loss, rates = None, []
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
     try:
@@ -255,5 +302,5 @@ def train(
         last_loss=last_loss, images_per_second=float(np.median(rates)) if rates else None,
         resumed_from=resumed_from,
     )  # fmt: skip
-    (workdir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+    write_atomic(summary_path, json.dumps(dataclasses.asdict(summary), indent=2))
     return summary

@@ -25,7 +25,7 @@ class TrainState(struct.PyTreeNode):
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
-    """AdamW with the paper's settings (Sec. 4.1); weight decay passed explicitly (SPEC §3)."""
+    """AdamW with the paper's settings (Sec. 4.1); weight decay passed explicitly (docs/method.md §3)."""
     return optax.adamw(
         config.learning_rate, b1=config.b1, b2=config.b2, eps=1e-8,
         weight_decay=config.weight_decay,
@@ -70,10 +70,10 @@ def make_train_step(
 @functools.lru_cache(maxsize=8)
 def train_step_for(
     head_config: HeadConfig, text_dim: int, num_stages: int, loss_config: LossConfig,
-    optim_config: OptimConfig,
+    optim_config: OptimConfig, conv_impl: str = "auto",
 ):  # fmt: skip
     """(head, optimizer, jitted train step) for these configs, memoized: runs of one process
     with equal configs (tests, sweeps) reuse the traced and compiled step."""
-    head = build_head(head_config, text_dim, num_stages)
+    head = build_head(head_config, text_dim, num_stages, conv_impl=conv_impl)
     optimizer = make_optimizer(optim_config)
     return head, optimizer, make_train_step(head, loss_config, optimizer, head_config.align_corners)

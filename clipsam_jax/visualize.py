@@ -54,16 +54,10 @@ def _mask_picture(rgb: np.ndarray, masks: np.ndarray, scores: np.ndarray) -> np.
 
 
 def panel(
-    rgb: np.ndarray,
-    rough: np.ndarray,
-    final: np.ndarray | None,
-    ground_truth: np.ndarray,
-    boxes: np.ndarray | None = None,
-    points: np.ndarray | None = None,
-    masks: np.ndarray | None = None,
-    scores: np.ndarray | None = None,
-    title: str = "",
-) -> np.ndarray:
+    rgb: np.ndarray, rough: np.ndarray, final: np.ndarray | None, ground_truth: np.ndarray,
+    boxes: np.ndarray | None = None, points: np.ndarray | None = None,
+    masks: np.ndarray | None = None, scores: np.ndarray | None = None, title: str = "",
+) -> np.ndarray:  # fmt: skip
     """One row of tiles → uint8 RGB. rgb (H, W, 3); rough / final (S, S) in [0, 1];
     ground_truth bool (S, S); boxes (q, 4) and points (q, m, 2) in image pixels; masks
     (q, k, H, W) bool with scores (q, k). Tiles whose inputs are None are left out."""

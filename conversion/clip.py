@@ -36,10 +36,17 @@ from typing import Any
 
 import numpy as np
 
-from clipsam_jax import cli
+from clipsam_jax import cli, options
 from clipsam_jax.clip.loading import TOKENIZER_FILES, WEIGHT_FILES, param_shapes
 from clipsam_jax.clip.position import resize_position_embedding
-from clipsam_jax.clip.weights import flax_to_torch, read_state_dict, torch_to_flax
+from clipsam_jax.clip.weights import (
+    describe_file,
+    flax_to_torch,
+    read_state_dict,
+    torch_load,
+    torch_to_flax,
+)
+from clipsam_jax.config import ClipConfig
 from clipsam_jax.errors import CheckpointError, ConfigError
 from conversion.openai_keys import (
     IGNORED_KEYS,
@@ -82,6 +89,10 @@ def _to_numpy(state_dict: Mapping[str, Any], source: str) -> dict[str, np.ndarra
     return out
 
 
+_FORMATS = ("Pass OpenAI's .pt, an open_clip .pt/.bin/.safetensors checkpoint or a Hugging Face "
+            "CLIP directory.")  # fmt: skip
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
     """Read an OpenAI/open_clip checkpoint file → (raw state dict as float32 numpy, format).
 
@@ -102,10 +113,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
                 loaded = torch.jit.load(str(path), map_location="cpu").state_dict()
                 kind = "TorchScript archive (OpenAI)"
             else:
-                loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+                loaded = torch_load(path, "CLIP checkpoint", _FORMATS)
                 kind = "pickled state dict"
-    except Exception as error:  # corrupt file, not a checkpoint, unsafe pickle content
-        raise CheckpointError(f"{path}: cannot read this checkpoint ({error})") from error
+    except CheckpointError:
+        raise
+    except Exception as error:  # a damaged TorchScript archive
+        raise CheckpointError(
+            f"{path}: cannot read it as a CLIP checkpoint: it looks like {describe_file(path)}. "
+            + _FORMATS
+        ) from error
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, found {type(loaded).__name__}")
     if isinstance(loaded.get("state_dict"), Mapping):  # open_clip training checkpoint
@@ -464,9 +480,8 @@ def _parser() -> argparse.ArgumentParser:
         help="directory with HF tokenizer files to copy (default: the HF source's own, else "
         "CLIP's BPE vocabulary from open_clip_torch)",
     )
-    parser.add_argument(
-        "--image-size", type=int, help="resize the vision position grid for this input size"
-    )
+    # The checks of ClipConfig.image_size (a multiple of 14); absent keeps the source's grid.
+    options.add_options(parser, ClipConfig, only=("image_size",), unset=("image_size",))
     parser.add_argument("--format", choices=("flax", "pytorch"), default="flax")
     parser.add_argument("--expect", help="required architecture, e.g. ViT-L/14-336")
     parser.add_argument("--vision-heads", type=int, help="default: known model, else width/64")
@@ -505,12 +520,14 @@ def _convert_file(args: argparse.Namespace) -> tuple[Any, dict, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for user errors)."""
-    return cli.run(_main, argv, configure_logging=False)
+    return cli.run(_main, argv)
 
 
 def _main(argv: Sequence[str] | None) -> None:
     args = _parser().parse_args(argv)
     src = Path(args.src)
+    if not src.exists():  # before anything else (the tokenizer, the weights) is looked at
+        raise CheckpointError(f"{src}: no such file or directory. {_FORMATS}")
     if src.is_dir():
         fallback = src if any((src / n).is_file() for n in TOKENIZER_FILES) else None
         tokenizer = resolve_tokenizer_source(args.tokenizer, fallback)

@@ -43,8 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from clipsam_jax import cli
+from clipsam_jax import cli, options
 from clipsam_jax import config as config_lib
+from clipsam_jax.clip.weights import describe_file, torch_load
 from clipsam_jax.config import DEFAULT_CLIP, ClipConfig, HeadConfig, TrainConfig
 from clipsam_jax.errors import CheckpointError, ConfigError
 from conversion.head_params import flax_to_torch, torch_to_flax
@@ -88,17 +89,18 @@ def read_state_dict(path: str | Path, wrapper: str | None = None) -> dict[str, n
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             from safetensors.numpy import load_file
 
             loaded: Any = load_file(str(path))
-        else:
-            import torch
-
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or corrupt file, not a checkpoint, unsafe pickle
-        raise CheckpointError(f"{path}: cannot read this checkpoint ({error})") from error
+        except Exception as error:  # a damaged file
+            raise CheckpointError(
+                f"{path}: cannot read it as a state dict: it looks like {describe_file(path)}"
+            ) from error
+    else:
+        loaded = torch_load(path, "state dict", "Pass the .pth or .safetensors file that "
+                            "`conversion.head export` wrote, or APRIL-GAN's released .pth.")  # fmt: skip
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, found {type(loaded).__name__}")
     if wrapper is not None and wrapper in loaded:
@@ -339,8 +341,13 @@ def export_head(
             "for ViT-L/14), class token dropped, no post-layernorm, no projection",
             "text": "(B, 2, text_dim): row 0 normal, row 1 anomalous; per state the mean of "
             "the L2-normalized projected sentence embeddings (clip.templates), normalized again",
-            "rough_map": "clipsam_jax.torch_ref.rough_map(logits, S): mean over stages of "
-            "softmax(bilinear resize to S x S, align_corners=False)[..., 1]",
+            "rough_map": f"clipsam_jax.torch_ref.rough_map(logits, S, "
+            f"align_corners={head.align_corners}, average={head.stage_average!r})"
+            + (
+                ": mean over stages of softmax(bilinear resize to S x S)[..., 1]"
+                if head.stage_average == "probabilities"
+                else ": softmax(mean over stages of bilinear resize to S x S)[..., 1]"
+            ),
         },
         "source": {"checkpoint": str(checkpoint), "step": meta.get("step")},
     }
@@ -451,8 +458,8 @@ def _guess_dataset(path: Path) -> str:
 def import_aprilgan(
     pth: str | Path,
     workdir: str | Path,
-    clip: str = DEFAULT_CLIP,
-    image_size: int = 518,
+    clip: str = ClipConfig.model,
+    image_size: int = ClipConfig.image_size,
     feature_layers: Sequence[int] | None = None,
     trained_on: str | None = None,
 ) -> Path:
@@ -519,15 +526,6 @@ def import_aprilgan(
 # ----------------------------------------------------------------------------- command line
 
 
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from error
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m conversion.head",
@@ -550,12 +548,8 @@ def _parser() -> argparse.ArgumentParser:
     april = commands.add_parser("aprilgan", help="APRIL-GAN's .pth → new workdir (aprilgan head)")
     april.add_argument("--pth", required=True, help="e.g. exps/pretrained/mvtec_pretrained.pth")
     april.add_argument("--workdir", required=True, help="new (or empty) output workdir")
-    april.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP hub id or local directory")
-    april.add_argument("--image-size", type=int, default=518, help="S (APRIL-GAN: 518)")
-    april.add_argument(
-        "--feature-layers", type=_layers,
-        help="encoder layers, e.g. 6,12,18,24 (default: the quarter points of the depth)",
-    )  # fmt: skip
+    # The CLIP settings their weights need: the same flags, defaults and checks as train.main's.
+    options.add_options(april, ClipConfig, only=("model", "image_size", "feature_layers"))
     april.add_argument(
         "--trained-on", choices=("mvtec", "visa"),
         help="dataset the weights were trained on (default: from the file name, else mvtec)",
@@ -565,7 +559,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for user errors)."""
-    return cli.run(_main, argv, configure_logging=False)
+    return cli.run(_main, argv)
 
 
 def _main(argv: Sequence[str] | None) -> None:
@@ -578,18 +572,18 @@ def _main(argv: Sequence[str] | None) -> None:
         print(f"wrote {workdir}; evaluate with `python -m eval.main --checkpoint {workdir}`")
     else:
         workdir = import_aprilgan(
-            args.pth, args.workdir, args.clip, args.image_size, args.feature_layers,
+            args.pth, args.workdir, args.model, args.image_size, args.feature_layers,
             args.trained_on,
         )  # fmt: skip
         trained_on = args.trained_on or _guess_dataset(Path(args.pth))
         other = "mvtec" if trained_on == "visa" else "visa"  # the cross-dataset protocol
         print(
-            f"wrote {workdir}: APRIL-GAN head (trained on {trained_on}) for {args.clip} at "
+            f"wrote {workdir}: APRIL-GAN head (trained on {trained_on}) for {args.model} at "
             f"S={args.image_size}, templates aprilgan35; evaluate with "
             f"`python -m eval.main --test {other} --checkpoint {workdir}`"
         )
         vit_l14 = dataclasses.replace(_KNOWN_CLIPS[DEFAULT_CLIP], hidden_act="quick_gelu")
-        if args.image_size != 336 and clip_dims(args.clip) == vit_l14:
+        if args.image_size != 336 and clip_dims(args.model) == vit_l14:
             print(
                 "note: at S != 336 APRIL-GAN's open_clip builds ViT-L-14-336 with nn.GELU "
                 "where the OpenAI weights use QuickGELU (docs/weights.md); to reproduce "

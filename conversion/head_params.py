@@ -1,6 +1,6 @@
 """Head params between Flax and PyTorch: the Flax tree ↔ the `clipsam_jax.torch_ref` state dict.
 
-Both sides use the same module names (SPEC §2 contract), so the map is a rename of the stage
+Both sides use the same module names (docs/method.md §2 contract), so the map is a rename of the stage
 prefix (`stage_i` ↔ `stages.i`) and layout transposes: Dense kernel (in, out) ↔ Linear weight
 (out, in); Conv kernel (k, in, out) ↔ Conv1d (out, in, k); (kh, kw, in, out) ↔ Conv2d
 (out, in, kh, kw). Numpy in, numpy out; exact (no arithmetic).

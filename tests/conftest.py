@@ -49,3 +49,16 @@ def synthetic_data(tmp_path_factory):
     synthetic.generate("mvtec", root / "mvtec", seed=0, images_per_class=8)
     synthetic.generate("visa", root / "visa", seed=1, images_per_class=8)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """`cli.run` sets up console logging (replacing the root logger's handlers); undo it after
+    each test so that no handler outlives the test whose output it was bound to."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -46,7 +46,7 @@ def torch_features(model, pixels: np.ndarray, layers):
 
 
 def torch_resized_model(model, image_size: int):
-    """PyTorch CLIP at another input size, position grid resized by F.interpolate (SPEC §1)."""
+    """PyTorch CLIP at another input size, position grid resized by F.interpolate (docs/method.md §1)."""
     from transformers import CLIPModel
 
     config = model.config.__class__.from_dict(model.config.to_dict())
@@ -109,7 +109,7 @@ def test_text_features_match_pytorch(tiny_clip_dir, torch_clip):
     with torch.no_grad():
         reference = torch_clip.get_text_features(**tokens).numpy()
     assert relative_error(text.encode_sentences(normal + anomalous), reference) < 1e-5
-    # L: normalize each sentence, mean per state group, normalize (SPEC §1), computed here in torch.
+    # L: normalize each sentence, mean per state group, normalize (docs/method.md §1), computed here in torch.
     unit = F.normalize(torch.from_numpy(reference), dim=-1)
     groups = [unit[: len(normal)].mean(0), unit[len(normal) :].mean(0)]
     expected = F.normalize(torch.stack(groups), dim=-1).numpy()
@@ -117,6 +117,14 @@ def test_text_features_match_pytorch(tiny_clip_dir, torch_clip):
     assert features.shape == (2, 24)
     assert relative_error(features, expected) < 1e-5
     np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1.0, atol=1e-6)
+    # --prompt-normalization mean: the raw embeddings averaged per group, then normalized.
+    raw = torch.from_numpy(reference)
+    groups = [raw[: len(normal)].mean(0), raw[len(normal) :].mean(0)]
+    expected_mean = F.normalize(torch.stack(groups), dim=-1).numpy()
+    mean_only = TextFeatures(clip, use_disk_cache=False, normalization="mean")
+    assert relative_error(mean_only.features("metal_nut"), expected_mean) < 1e-5
+    # The two modes weight sentences differently, so they must not coincide.
+    assert relative_error(expected_mean, expected) > 1e-3
 
 
 def test_prompt_ensemble_counts_and_object_fallback(tiny_clip_dir):
@@ -254,7 +262,9 @@ def test_weights_not_matching_config_name_the_key(tiny_clip_dir, tmp_path, chang
 
 
 def test_image_size_not_multiple_of_patch(tiny_clip_dir):
-    with pytest.raises(ConfigError, match="multiple of the patch size 14"):
+    with pytest.raises(
+        ConfigError, match=r"--image-size 500 is not a multiple of .*patch size 14 \(e.g. 504\)"
+    ):
         load_clip(str(tiny_clip_dir), image_size=500)
 
 
@@ -355,14 +365,15 @@ def test_attention_checked_at_loading_and_not_taken_from_checkpoints(tiny_clip_d
         load_clip(str(tiny_clip_dir), image_size=112, dtype="float32", attention="cudnn")
     with pytest.raises(ConfigError, match="attention must be one of"):
         load_clip(str(tiny_clip_dir), image_size=112, attention="flash")
-    # A head trained with cuDNN's attention on a GPU evaluates anywhere: "auto" again.
-    meta = {"config": {"clip": to_dict(ClipConfig(attention="cudnn", image_size=336))}}
-    restored = checkpoint_clip_config(meta)
-    assert restored.attention == "auto" and restored.image_size == 336
-    del meta["config"]["clip"]["attention"]  # checkpoints written before the field existed
-    assert checkpoint_clip_config(meta).attention == "auto"
+    # The attention is a runtime setting, not the head's: checkpoints carry none, and those
+    # written when ClipConfig still held it (and the cache folder) restore without them.
+    assert "attention" not in to_dict(ClipConfig())
+    meta = {"config": {"clip": to_dict(ClipConfig(image_size=336))}}
+    meta["config"]["clip"].update(attention="cudnn", cache_dir="/old/cache")
+    assert checkpoint_clip_config(meta) == ClipConfig(image_size=336)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU with cuDNN")
 def test_cudnn_attention_matches_reference(tiny_clip_dir):
     """On a GPU in bf16, cuDNN's fused attention gives transformers' attention's features to bf16

@@ -315,3 +315,51 @@ def test_hf_directory_source(tiny_clip_dir, tmp_path):
         match=r"not ViT-B/32: .*'text_model\.\S+' has shape \(77, 32\).*\(77, 512\)",
     ):
         conversion.convert_hf_dir(tiny_clip_dir, expect="ViT-B/32")
+
+
+@pytest.mark.parametrize("output_format", ["flax", "pytorch"])
+def test_converted_hf_directory_loads_and_runs_like_the_source(
+    tiny_clip_dir, tmp_path, output_format
+):
+    """The converted folder, loaded the way `--clip DIR` loads it, gives the patch tokens, image
+    and text features of the source run in transformers' PyTorch `CLIPModel`."""
+    import shutil
+
+    from transformers import AutoTokenizer, CLIPModel
+
+    source = tmp_path / "source"  # the tiny CLIP with random biases and layer norms
+    shutil.copytree(tiny_clip_dir, source)
+    model = CLIPModel.from_pretrained(str(tiny_clip_dir)).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:  # layer_norm*, *layernorm, pre_layrnorm
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(str(source), safe_serialization=True)
+
+    out = tmp_path / "out"
+    assert conversion.main([str(source), "--out", str(out), "--format", output_format]) == 0
+    weights = "flax_model.msgpack" if output_format == "flax" else "model.safetensors"
+    assert (out / weights).is_file() and (out / "config.json").is_file()
+    size = model.config.vision_config.image_size
+    clip = load_clip(str(out), image_size=size, cache_dir=tmp_path / "cache", dtype="float32")
+
+    pixels = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+    ours = make_image_encoder(clip)(clip.params, pixels)
+    with torch.no_grad():
+        vision = model.vision_model(
+            torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True
+        )
+        image_embeds = model.visual_projection(vision.pooler_output).numpy()
+    assert len(ours.patch_tokens) == len(clip.feature_layers) == 4
+    for layer, tokens in zip(clip.feature_layers, ours.patch_tokens):
+        reference = vision.hidden_states[layer][:, 1:].numpy()
+        assert_close(tokens, reference.reshape(tokens.shape), f"patch tokens of layer {layer}")
+    assert_close(ours.image_embeds, image_embeds, "projected image embedding")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokens = tokenizer(list(SENTENCES), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        text_reference = model.get_text_features(**tokens).numpy()
+    text = TextFeatures(clip, use_disk_cache=False).encode_sentences(SENTENCES)
+    assert_close(text, text_reference, "text features")

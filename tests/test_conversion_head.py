@@ -7,7 +7,6 @@ written directly with `HeadCheckpointer` (compiling a UMCI train step on CPU tak
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -146,7 +145,7 @@ def random_inputs(seed: int, stages: int, batch: int = 2):
 def flax_logits(head: HeadConfig, params, tokens, text) -> list[np.ndarray]:
     # With lax.conv: the shifted-matmul convs CPU runs default to take ~3× longer to compile;
     # both formulations compute the same function with the same params (tests/test_umci.py).
-    module = build_head(dataclasses.replace(head, conv_impl="xla"), TEXT_DIM, len(tokens))
+    module = build_head(head, TEXT_DIM, len(tokens), conv_impl="xla")
     return [np.asarray(o) for o in jax.jit(module.apply)({"params": params}, tokens, text)]
 
 
@@ -357,7 +356,7 @@ def test_refuses_existing_workdir_and_bad_files(tmp_path, clip_dir, capsys):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x00not a checkpoint" * 10)
     assert run_aprilgan(corrupt, tmp_path / "a", clip_dir) == 2
-    assert f"{corrupt}: cannot read this checkpoint" in capsys.readouterr().err
+    assert f"{corrupt}: cannot read it as a state dict: it looks like" in capsys.readouterr().err
     assert run_aprilgan(tmp_path / "absent.pth", tmp_path / "b", clip_dir) == 2
     assert "absent.pth: no such file" in capsys.readouterr().err
     torch.save([1, 2, 3], tmp_path / "list.pth")
@@ -414,6 +413,9 @@ def test_import_errors_name_the_key(tmp_path, runs, capsys):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     bad_state = ("import", "--state-dict", tmp_path / "corrupt.safetensors", "--config", config)
     assert cli(*bad_state, "--workdir", tmp_path / "z") == 2
-    assert "cannot read this checkpoint" in capsys.readouterr().err
+    assert (
+        "corrupt.safetensors: cannot read it as a state dict: it looks like"
+        in capsys.readouterr().err
+    )
     assert cli("import", "--state-dict", out, "--config", config, "--workdir", run) == 2
     assert "not empty" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.server
 import io
@@ -363,28 +362,119 @@ def test_extract_refuses_members_outside_the_target(tmp_path):
     assert not (tmp_path / "escaped.txt").exists()
 
 
-def test_fetch_from_a_local_server_restarts_when_range_is_ignored(tmp_path):
-    """No internet: a loopback server without Range support (Python's) serves the file."""
-    payload = bytes(range(256)) * 400
-    (tmp_path / "srv").mkdir()
-    (tmp_path / "srv/f.bin").write_bytes(payload)
-    handler = functools.partial(QuietHandler, directory=str(tmp_path / "srv"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/f.bin"
-        dest = tmp_path / "out/f.bin"
-        dest.parent.mkdir()
-        (tmp_path / "out/f.bin.part").write_bytes(b"stale")  # resumed with a Range request
-        assert download.fetch(url, dest, progress=False).read_bytes() == payload
-        assert not (tmp_path / "out/f.bin.part").exists()
-        with pytest.raises(DatasetError, match="Rerun to resume"):
-            download.fetch(url + ".missing", tmp_path / "out/g.bin", progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `server.files` ({path: bytes}); honours `Range: bytes=N-` with 206 and
+    Content-Range when `server.honour_range`, else answers 200 with the whole file (as Python's
+    SimpleHTTPRequestHandler does). Records (path, Range header, status, body bytes sent)
+    before answering."""
 
+    def do_GET(self) -> None:
+        server = self.server
+        payload = server.files.get(self.path)
+        requested = self.headers.get("Range")
+        if payload is None:
+            server.requests.append((self.path, requested, 404, 0))
+            self.send_error(404)
+            return
+        status, start = 200, 0
+        if requested and server.honour_range:
+            unit, _, spec = requested.partition("=")
+            first, _, last = spec.partition("-")
+            assert unit == "bytes" and first.isdigit() and not last, requested
+            start = int(first)
+            if start >= len(payload):
+                server.requests.append((self.path, requested, 416, 0))
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(payload)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        body = payload[start:]
+        self.send_response(status)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+        self.send_header("Content-Length", str(len(body)))
+        server.requests.append((self.path, requested, status, len(body)))  # before the client
+        self.end_headers()  # can see the answer and the test read `requests`
+        self.wfile.write(body)
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
+
+
+@pytest.fixture
+def file_server():
+    """A loopback HTTP server (no internet needed); `.url(path)`, `.files`, `.requests`."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    server.files, server.requests, server.honour_range = {}, [], True
+    server.url = lambda path: f"http://127.0.0.1:{server.server_port}{path}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+PAYLOAD = np.random.default_rng(0).bytes(128_000)  # aperiodic: a wrong offset shows
+
+
+def test_fetch_resumes_a_partial_download_with_a_range_request(file_server, tmp_path):
+    file_server.files["/f.bin"] = PAYLOAD
+    dest = tmp_path / "out/f.bin"
+    dest.parent.mkdir()
+    partial = tmp_path / "out/f.bin.part"
+    done = 50_001  # an interrupted earlier run left this much
+    partial.write_bytes(PAYLOAD[:done])
+    assert download.fetch(file_server.url("/f.bin"), dest, progress=False) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert not partial.exists()
+    # One request, for the rest only, answered with the rest only.
+    assert file_server.requests == [("/f.bin", f"bytes={done}-", 206, len(PAYLOAD) - done)]
+
+
+def test_fetch_without_a_partial_file_asks_for_everything(file_server, tmp_path):
+    file_server.files["/f.bin"] = PAYLOAD
+    dest = download.fetch(file_server.url("/f.bin"), tmp_path / "new/f.bin", progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert file_server.requests == [("/f.bin", None, 200, len(PAYLOAD))]
+
+
+def test_fetch_restarts_when_the_server_ignores_range(file_server, tmp_path):
+    """A server without Range support answers 200 with the whole file: the stale partial file
+    is overwritten, not appended to."""
+    file_server.honour_range = False
+    file_server.files["/f.bin"] = PAYLOAD
+    dest = tmp_path / "out/f.bin"
+    dest.parent.mkdir()
+    stale = b"stale bytes, not a prefix of the payload"
+    (tmp_path / "out/f.bin.part").write_bytes(stale)
+    assert download.fetch(file_server.url("/f.bin"), dest, progress=False).read_bytes() == PAYLOAD
+    assert not (tmp_path / "out/f.bin.part").exists()
+    assert file_server.requests == [("/f.bin", f"bytes={len(stale)}-", 200, len(PAYLOAD))]
+
+
+@pytest.mark.parametrize("extra", [0, 7])
+def test_fetch_of_a_partial_file_the_server_cannot_extend(file_server, tmp_path, extra):
+    """416 Range Not Satisfiable: a partial file holding the whole payload (interrupted before
+    the rename) becomes the download; a longer one (the file changed) is fetched afresh."""
+    file_server.files["/f.bin"] = PAYLOAD
+    dest = tmp_path / "f.bin"
+    partial = tmp_path / "f.bin.part"
+    partial.write_bytes(PAYLOAD + b"x" * extra)
+    assert download.fetch(file_server.url("/f.bin"), dest, progress=False).read_bytes() == PAYLOAD
+    assert not partial.exists()
+    first = ("/f.bin", f"bytes={len(PAYLOAD) + extra}-", 416, 0)
+    assert file_server.requests == (
+        [first] if not extra else [first, ("/f.bin", None, 200, len(PAYLOAD))]
+    )
+
+
+def test_fetch_failure_keeps_the_partial_file_and_says_how_to_resume(file_server, tmp_path):
+    partial = tmp_path / "g.bin.part"
+    partial.write_bytes(b"partial")
+    with pytest.raises(DatasetError, match="Rerun to resume"):
+        download.fetch(file_server.url("/missing.bin"), tmp_path / "g.bin", progress=False)
+    assert partial.read_bytes() == b"partial"
+    assert not (tmp_path / "g.bin").exists()

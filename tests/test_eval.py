@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from clipsam_jax import cli, eval_lib
+from clipsam_jax.checkpoint import load_head
+from clipsam_jax.data import synthetic
 from clipsam_jax.metrics import compute_metrics
 from eval.main import main as eval_main
 from train.main import main as train_main
@@ -83,7 +85,8 @@ def test_no_umci_needs_no_checkpoint_and_still_refines(tiny_clip_dir, synthetic_
         "--clip-attention", "reference",
     ])  # fmt: skip
     assert report["head"] == "zero-shot" and report["checkpoint_step"] is None
-    assert report["config"]["clip"]["attention"] == "reference"
+    assert report["runtime"]["clip_attention"] == "reference"
+    assert "attention" not in report["config"]["clip"]  # speed only: not in the method config
     assert "final" in report and 0.0 <= report["rough"]["mean"]["pixel_auroc"] <= 1.0
 
 
@@ -195,22 +198,147 @@ def test_demo_runs_and_labels_its_numbers(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "NOT ClipSAM results" in out and "| mean |" in out
     assert set(report["final"]["classes"]) == {"candle", "cashew", "pcb1"}
-    assert (tmp_path / "demo" / "results" / "visa" / "metrics.json").is_file()
+    # What the README's quick start says the demo writes.
+    demo_dir = tmp_path / "demo"
+    for folder in ("data/mvtec", "data/visa", "cache", "runs/feature_cache"):
+        assert any((demo_dir / folder).iterdir()), folder
+    for file in ("tiny_clip/config.json", "runs/mvtec/config.json", "runs/mvtec/summary.json",
+                 "runs/mvtec/train_log.jsonl", "results/visa/metrics.json",
+                 "results/visa/table.md", "results/visa/table.csv"):  # fmt: skip
+        assert (demo_dir / file).is_file(), file
+    assert any(p.name.isdigit() for p in (demo_dir / "runs/mvtec/checkpoints").iterdir())
+    results = demo_dir / "results" / "visa"
+    assert sorted(p.stem for p in (results / "classes").glob("*.json")) == [
+        "candle",
+        "cashew",
+        "pcb1",
+    ]
+    assert {p.parent.name for p in (results / "panels").glob("*/*.png")} == {
+        "candle",
+        "cashew",
+        "pcb1",
+    }
 
 
 def test_refine_flags_reach_the_config():
-    from eval.main import parse
+    from eval.main import config_from_args, parse
 
-    default = cli.refine_config(parse(["--test", "visa"]))
-    assert (default.sam_attention, default.sam_dtype, default.sam_images_per_call) == (
-        "flash", "fp32", 4,
-    )  # fmt: skip
+    default = config_from_args(parse(["--test", "visa"])).refine
+    default_runtime = cli.runtime_from_args(parse(["--test", "visa"]))
+    assert (default_runtime.sam_attention, default.sam_dtype) == ("flash", "fp32")
+    assert default_runtime.sam_images_per_call == 4
     args = parse(["--test", "visa", "--sam-attention", "stock", "--sam-dtype", "bf16",
                   "--sam-images-per-call", "2", "--single-mask", "--threshold", "0.3",
                   "--sam-compile"])  # fmt: skip
-    config = cli.refine_config(args)
-    assert config.sam_compile and not default.sam_compile
-    assert (config.sam_attention, config.sam_dtype, config.sam_images_per_call) == (
+    config, runtime = config_from_args(args).refine, cli.runtime_from_args(args)
+    assert runtime.sam_compile and not default_runtime.sam_compile
+    assert (runtime.sam_attention, config.sam_dtype, runtime.sam_images_per_call) == (
         "stock", "bf16", 2,
     )  # fmt: skip
     assert config.multimask is False and config.threshold == 0.3
+
+
+@pytest.mark.parametrize(
+    ("dataset", "generate", "expected"),
+    [
+        ("mvtec", {"classes": ["bottle", "screw"], "images_per_class": 1},
+         {"bottle": 2, "screw": 2}),
+        ("mtd", {"images_per_class": 1}, {"magnetic_tile": 7}),
+        ("ksdd2", {"images_per_class": 3}, {"ksdd2": 6}),
+    ],
+)  # fmt: skip
+def test_other_datasets_end_to_end(dataset, generate, expected, trained_head, tmp_path):
+    """`--test mvtec|mtd|ksdd2` on their own on-disk layouts, through SAM, with panels."""
+    root = synthetic.generate(dataset, tmp_path / "data", seed=3, **generate)
+    output = tmp_path / "out"
+    report = eval_main(["--test", dataset, "--data-root", str(root), "--checkpoint",
+                        str(trained_head), "--output", str(output), "--sam", "tiny-random",
+                        "--panels", "1", "--save-maps", *COMMON])  # fmt: skip
+    assert report["dataset"] == dataset
+    for stage in ("rough", "final"):
+        classes = report[stage]["classes"]
+        assert {name: values["n_images"] for name, values in classes.items()} == expected
+        for name, values in classes.items():
+            maps = np.load(output / "maps" / f"{name}.npz")
+            assert maps[stage].shape == (expected[name], 112, 112)
+            recomputed = compute_metrics(maps[stage], maps["masks"])
+            assert values["pixel_auroc"] == pytest.approx(recomputed["pixel_auroc"], abs=1e-12)
+    assert sorted(p.parent.name for p in (output / "panels").rglob("*.png")) == sorted(expected)
+
+
+def test_aprilgan_head_trains_and_evaluates(tiny_clip_dir, synthetic_data, tmp_path):
+    workdir = tmp_path / "aprilgan"
+    train_main(["--train", "mvtec", "--data-root", str(synthetic_data / "mvtec"), "--workdir",
+                str(workdir), "--clip", str(tiny_clip_dir), "--image-size", SIZE, "--dtype",
+                "float32", "--head", "aprilgan", "--max-steps", "2", *COMMON])  # fmt: skip
+    output = tmp_path / "out"
+    report = eval_main(eval_args(synthetic_data, workdir, output, "--sam", "tiny-random",
+                                 "--classes", "pcb1", "--panels", "0", "--save-maps"))  # fmt: skip
+    assert report["head"]["kind"] == "aprilgan" and report["checkpoint_step"] == 2
+    maps = np.load(output / "maps" / "pcb1.npz")
+    recomputed = compute_metrics(maps["final"], maps["masks"])
+    assert report["final"]["classes"]["pcb1"]["pixel_auroc"] == pytest.approx(
+        recomputed["pixel_auroc"], abs=1e-12
+    )
+
+
+def test_clip_flags_override_the_checkpoint(synthetic_data, trained_head, tmp_path):
+    """CLIP flags given to eval.main replace the trained head's settings, and only those."""
+    extra = ("--sam", "none", "--classes", "candle", "--panels", "0", "--save-maps")
+    plain = eval_main(eval_args(synthetic_data, trained_head, tmp_path / "plain", *extra))
+    changed = eval_main(eval_args(synthetic_data, trained_head, tmp_path / "changed", *extra,
+                                  "--templates", "aprilgan35", "--object-name", "spaced",
+                                  "--prompt-normalization", "mean"))  # fmt: skip
+    clip = changed["config"]["clip"]
+    assert (clip["templates"], clip["object_name"], clip["prompt_normalization"]) == (
+        "aprilgan35", "spaced", "mean",
+    )  # fmt: skip
+    assert plain["config"]["clip"]["templates"] == "clipsam29"
+    for key in ("image_size", "model", "dtype"):  # not given: the checkpoint's
+        assert clip[key] == plain["config"]["clip"][key]
+    assert clip["image_size"] == 112
+    ours = np.load(tmp_path / "changed" / "maps" / "candle.npz")["rough"]
+    theirs = np.load(tmp_path / "plain" / "maps" / "candle.npz")["rough"]
+    assert not np.array_equal(ours, theirs)  # other text features, other maps
+
+
+def test_non_default_head_choices_train_and_evaluate(tiny_clip_dir, synthetic_data, tmp_path):
+    """The README's head, loss and training switches together: the checkpoint records them,
+    the params have the shape they imply, and eval.main runs the head they describe."""
+    workdir = tmp_path / "run"
+    train_main(["--train", "mvtec", "--data-root", str(synthetic_data / "mvtec"), "--workdir",
+                str(workdir), "--clip", str(tiny_clip_dir), "--image-size", SIZE, "--dtype",
+                "float32", "--hidden-dim", "16", "--pool-sizes", "2,4", "--max-steps", "3",
+                "--separate-projections", "--gru-reading", "sequence", "--strip-kernel", "1",
+                "--align-corners", "--stage-average", "logits", "--loss-resolution", "grid",
+                "--weight-decay", "0.1", "--mosaic", "--no-feature-cache", "--max-to-keep",
+                "1", "--checkpoint-every", "1", *COMMON])  # fmt: skip
+    params, meta = load_head(workdir)
+    head, loss, optim = (meta["config"][k] for k in ("head", "loss", "optim"))
+    assert (head["shared_projection"], head["gru_reading"], head["strip_kernel"]) == (
+        False, "sequence", 1,
+    )  # fmt: skip
+    assert head["align_corners"] is True and head["stage_average"] == "logits"
+    assert loss["resolution"] == "grid" and optim["weight_decay"] == 0.1
+    assert meta["config"]["mosaic"] is True and meta["config"]["feature_cache"] is False
+    stage = params["stage_0"]
+    projections = sorted(k for k in stage if "projection" in k)
+    assert len(projections) > 1, projections  # one Linear per path, not one shared
+    strip_kernels = [leaf.shape for path, leaf in _leaves(stage) if "strip_row" in path
+                     and path.endswith("kernel") and leaf.ndim == 3]  # fmt: skip
+    assert strip_kernels and all(shape[0] == 1 for shape in strip_kernels), strip_kernels
+    kept = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == ["3"]  # --max-to-keep 1
+    assert not (workdir.parent / "feature_cache").exists()  # --no-feature-cache
+    report = eval_main(eval_args(synthetic_data, workdir, tmp_path / "out", "--sam", "none",
+                                 "--classes", "candle", "--panels", "0"))  # fmt: skip
+    assert report["head"]["stage_average"] == "logits"
+    assert 0.0 <= report["rough"]["classes"]["candle"]["pixel_auroc"] <= 1.0
+
+
+def _leaves(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value

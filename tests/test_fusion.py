@@ -1,4 +1,4 @@
-"""Eq. 9 fusion (SPEC §4) by hand, norm modes, and an oracle-refiner experiment."""
+"""Eq. 9 fusion (docs/method.md §4) by hand, norm modes, and an oracle-refiner experiment."""
 
 from __future__ import annotations
 
@@ -287,3 +287,208 @@ def test_mmr_batch_no_components_and_sizes():
     assert mmr_batch(flat[:0], [], ExplodingRefiner(), config, []) == []
     with pytest.raises(ValueError, match="batch sizes"):
         mmr_batch(roughs, images[:2], refiner, config, rngs)
+
+
+# ---------------------------------------------------------------- MMR options by hand
+# Grid 8×8 onto an image H = 16, W = 24: a cell is 2 pixels high and 3 wide (sy = 2, sx = 3),
+# so masks go to the grid by the exact block mean (6 pixels per cell). A component spanning
+# rows r0..r1 and columns c0..c1 has the box [3·c0, 2·r0, 3·(c1 + 1), 2·(r1 + 1)], and cell
+# (r, c) has its centre at x = 3·(c + 0.5), y = 2·(r + 0.5).
+HAND_HW = (16, 24)
+
+
+class ScriptedRefiner:
+    """Returns the same fixed masks and scores for every call and records the prompts."""
+
+    def __init__(self, masks: np.ndarray, scores: np.ndarray):
+        self.masks, self.scores = masks, scores
+        self.seen: list[tuple[Prompts, bool]] = []
+
+    def refine(self, image, prompts: Prompts, multimask: bool = True):
+        self.seen.append((prompts, multimask))
+        return self.masks[: prompts.num_boxes], self.scores[: prompts.num_boxes]
+
+
+class BoxFillRefiner:
+    """One mask per box: the box's own pixel rectangle, score 0.5 (boxes are whole pixels)."""
+
+    def __init__(self):
+        self.seen: list[tuple[Prompts, bool]] = []
+
+    def refine(self, image, prompts: Prompts, multimask: bool = True):
+        self.seen.append((prompts, multimask))
+        masks = np.zeros((prompts.num_boxes, 1, *image.shape[:2]), dtype=bool)
+        for i, (x0, y0, x1, y1) in enumerate(prompts.boxes.astype(int)):
+            masks[i, 0, y0:y1, x0:x1] = True
+        return masks, np.full((prompts.num_boxes, 1), 0.5, np.float32)
+
+
+def _norm_case():
+    """One 2×2 component at 0.8 (rows 2..3, cols 2..3) on a 0.1 background, three masks."""
+    rough = np.full((8, 8), 0.1, dtype=np.float32)
+    rough[2:4, 2:4] = 0.8
+    masks = np.zeros((1, 3, *HAND_HW), dtype=bool)
+    masks[0, 0, 4:8, 6:12] = True  # exactly the component's 4 cells (coverage 1)
+    masks[0, 1, 4:6, 6:9] = True  # exactly cell (2, 2)
+    masks[0, 2, 8, 12] = True  # 1 pixel of the 6 of cell (4, 4)
+    scores = np.array([[0.5, 0.25, 0.6]], dtype=np.float32)
+    # O + Σ m·s: (2, 2) 0.8 + 0.5 + 0.25 = 1.55; (2, 3), (3, 2), (3, 3) 0.8 + 0.5 = 1.3;
+    # (4, 4) 0.1 + 0.6 / 6 = 0.2; every other cell 0.1.
+    summed = np.full((8, 8), 0.1)
+    summed[2:4, 2:4] = 1.3
+    summed[2, 2] = 1.55
+    summed[4, 4] = 0.2
+    return rough, masks, scores, summed
+
+
+@pytest.mark.parametrize("norm", ["max", "minmax", "none"])
+def test_mmr_fusion_norms_by_hand(norm):
+    rough, masks, scores, summed = _norm_case()
+    refiner = ScriptedRefiner(masks, scores)
+    config = dataclasses.replace(RefineConfig(sam="none"), fusion_norm=norm)
+    out = mmr(rough, np.zeros((*HAND_HW, 3), np.uint8), refiner, config, np.random.default_rng(0))
+    # Rows 2..3 and columns 2..3: x 3·2 = 6 to 3·4 = 12, y 2·2 = 4 to 2·4 = 8.
+    assert len(refiner.seen) == 1 and refiner.seen[0][1] is True  # multimask by default
+    np.testing.assert_array_equal(out.prompts.boxes, [[6, 4, 12, 8]])
+    if norm == "none":
+        expected = summed
+    elif norm == "max":  # peak 1.55 > 1: divided by it
+        expected = summed / 1.55
+    else:  # minmax: (x − 0.1) / (1.55 − 0.1); the background goes to 0, (2, 2) to 1
+        expected = np.zeros((8, 8))
+        expected[2:4, 2:4] = 1.2 / 1.45
+        expected[2, 2] = 1.0
+        expected[4, 4] = 0.1 / 1.45
+    np.testing.assert_allclose(out.final, expected, atol=1e-6)
+    assert out.final.dtype == np.float32
+    np.testing.assert_array_equal(out.masks, masks)
+    np.testing.assert_array_equal(out.scores, scores)
+
+
+def test_mmr_max_norm_keeps_a_map_whose_peak_is_not_above_one():
+    # Scores scaled so that the peak is 0.8 + 0.1 + 0.05 = 0.95 ≤ 1: "max" leaves it as is,
+    # "minmax" still stretches it: (x − 0.1) / (0.95 − 0.1).
+    rough, masks, _, _ = _norm_case()
+    scores = np.array([[0.1, 0.05, 0.6]], dtype=np.float32)
+    summed = np.full((8, 8), 0.1)
+    summed[2:4, 2:4] = 0.9
+    summed[2, 2] = 0.95
+    summed[4, 4] = 0.2
+    image = np.zeros((*HAND_HW, 3), np.uint8)
+    finals = {}
+    for norm in ("max", "minmax", "none"):
+        config = dataclasses.replace(RefineConfig(sam="none"), fusion_norm=norm)
+        refiner = ScriptedRefiner(masks, scores)
+        finals[norm] = mmr(rough, image, refiner, config, np.random.default_rng(0)).final
+    np.testing.assert_allclose(finals["max"], summed, atol=1e-6)
+    np.testing.assert_allclose(finals["none"], summed, atol=1e-6)
+    np.testing.assert_allclose(finals["minmax"], (summed - 0.1) / 0.85, atol=1e-6)
+
+
+def _diagonal_pair():
+    """Blob A: rows 1..2, cols 1..2 at 0.9; blob B: rows 3..4, cols 3..5 at 0.7. They touch
+    only at the corner of cells (2, 2) and (3, 3)."""
+    rough = np.zeros((8, 8), dtype=np.float32)
+    rough[1:3, 1:3] = 0.9
+    rough[3:5, 3:6] = 0.7
+    return rough
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_mmr_connectivity_boxes_and_fusion_by_hand(connectivity):
+    rough = _diagonal_pair()
+    refiner = BoxFillRefiner()
+    config = dataclasses.replace(
+        RefineConfig(sam="none"), connectivity=connectivity, fusion_norm="none", multimask=False
+    )
+    image = np.zeros((*HAND_HW, 3), np.uint8)
+    out = mmr(rough, image, refiner, config, np.random.default_rng(0))
+    assert len(refiner.seen) == 1 and refiner.seen[0][1] is False
+    components = np.zeros((8, 8), dtype=np.int32)
+    # Every mask is its box's cell rectangle, so fusion adds 0.5 to each cell of each box.
+    expected = rough.astype(np.float64)
+    if connectivity == 8:
+        # One component: rows 1..4, cols 1..5 → x 3 to 18, y 2 to 10.
+        np.testing.assert_array_equal(out.prompts.boxes, [[3, 2, 18, 10]])
+        components[1:3, 1:3] = components[3:5, 3:6] = 1
+        expected[1:5, 1:6] += 0.5  # cells between the blobs, e.g. (1, 4), (4, 1), get it too
+    else:
+        # Two components in raster order: A (rows 1..2, cols 1..2) → [3, 2, 9, 6];
+        # B (rows 3..4, cols 3..5) → [9, 6, 18, 10].
+        np.testing.assert_array_equal(out.prompts.boxes, [[3, 2, 9, 6], [9, 6, 18, 10]])
+        components[1:3, 1:3] = 1
+        components[3:5, 3:6] = 2
+        expected[1:3, 1:3] += 0.5
+        expected[3:5, 3:6] += 0.5
+    np.testing.assert_array_equal(out.prompts.components, components)
+    assert out.masks.shape == (out.prompts.num_boxes, 1, *HAND_HW)
+    np.testing.assert_allclose(out.final, expected, atol=1e-6)
+
+
+def _two_components():
+    """Component 1: rows 1..2, cols 1..3 (6 cells); component 2: row 5, cols 5..6 (2 cells)."""
+    rough = np.zeros((8, 8), dtype=np.float32)
+    rough[1:3, 1:4] = 0.9
+    rough[5, 5:7] = 0.8
+    return rough
+
+
+def _centre(row: int, col: int) -> tuple[float, float]:
+    return (3 * (col + 0.5), 2 * (row + 0.5))
+
+
+# Hand-computed cell centres (x, y) of each component.
+_COMPONENT_CENTRES = [
+    {_centre(r, c) for r in (1, 2) for c in (1, 2, 3)},  # x 4.5, 7.5, 10.5; y 3, 5
+    {_centre(5, 5), _centre(5, 6)},  # (16.5, 11), (19.5, 11)
+]
+
+
+def _run_sampling(sampling: str, points: int, seed: int) -> Prompts:
+    refiner = BoxFillRefiner()
+    config = dataclasses.replace(
+        RefineConfig(sam="none"), point_sampling=sampling, points=points, multimask=False
+    )
+    image = np.zeros((*HAND_HW, 3), np.uint8)
+    mmr(_two_components(), image, refiner, config, np.random.default_rng(seed))
+    ((prompts, _),) = refiner.seen
+    np.testing.assert_array_equal(prompts.boxes, [[3, 2, 12, 6], [15, 10, 21, 12]])
+    return prompts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mmr_per_component_points_by_hand(seed):
+    # m = 4: component 1 (6 cells) gets 4 distinct points among its own centres; component 2
+    # (2 cells) gets both its centres, then 2 padding points: label −1, coordinates (0, 0).
+    p = _run_sampling("per_component", 4, seed)
+    assert p.points.shape == (2, 4, 2) and p.point_labels.shape == (2, 4)
+    np.testing.assert_array_equal(p.point_labels, [[1, 1, 1, 1], [1, 1, -1, -1]])
+    first = [tuple(map(float, xy)) for xy in p.points[0]]
+    assert len(set(first)) == 4 and set(first) <= _COMPONENT_CENTRES[0]
+    assert {tuple(map(float, xy)) for xy in p.points[1, :2]} == _COMPONENT_CENTRES[1]
+    np.testing.assert_array_equal(p.points[1, 2:], np.zeros((2, 2)))
+    # m above every component's size: width 6 = the largest component; all centres taken.
+    p = _run_sampling("per_component", 10, seed)
+    assert p.points.shape == (2, 6, 2)
+    np.testing.assert_array_equal(p.point_labels, [[1] * 6, [1, 1, -1, -1, -1, -1]])
+    assert {tuple(map(float, xy)) for xy in p.points[0]} == _COMPONENT_CENTRES[0]
+    assert {tuple(map(float, xy)) for xy in p.points[1, :2]} == _COMPONENT_CENTRES[1]
+    np.testing.assert_array_equal(p.points[1, 2:], np.zeros((4, 2)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mmr_shared_points_by_hand(seed):
+    # m = 4 among all 8 anomalous cells, the same 4 for both boxes, all labelled 1 (no padding).
+    union = _COMPONENT_CENTRES[0] | _COMPONENT_CENTRES[1]
+    p = _run_sampling("shared", 4, seed)
+    assert p.points.shape == (2, 4, 2)
+    np.testing.assert_array_equal(p.point_labels, np.ones((2, 4)))
+    np.testing.assert_array_equal(p.points[0], p.points[1])
+    shared = [tuple(map(float, xy)) for xy in p.points[0]]
+    assert len(set(shared)) == 4 and set(shared) <= union
+    # m = 10 > 8 anomalous cells: all 8 centres, for both boxes; no padding.
+    p = _run_sampling("shared", 10, seed)
+    assert p.points.shape == (2, 8, 2)
+    np.testing.assert_array_equal(p.point_labels, np.ones((2, 8)))
+    np.testing.assert_array_equal(p.points[0], p.points[1])
+    assert {tuple(map(float, xy)) for xy in p.points[0]} == union

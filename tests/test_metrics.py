@@ -423,3 +423,327 @@ def test_format_table():
     assert lines[1] == "bottle,91.2,50.0,40.0,80.0,45.6,25.0,20.0,40.0"
     assert lines[-1].startswith("mean,85.6,") and len(lines) == 4
     assert "AUROC (final)" in md.splitlines()[0]
+
+
+# ---------------------------------------------------------------- mutation-testing additions
+# (benchmarks/mutation/README.md: each test kills mutants that survived the first run)
+
+
+def _message(call, *args, **kwargs) -> str:
+    with pytest.raises(MetricsInputError) as info:
+        call(*args, **kwargs)
+    return str(info.value)
+
+
+def test_validation_messages_exact():
+    maps = np.zeros((2, 4, 4), dtype=np.float32)
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    assert _message(compute_metrics, maps, masks, pro_mode="auc") == (
+        "pro_mode must be one of ('mvtec', 'cflow'), got 'auc'"
+    )
+    assert _message(compute_metrics, maps[0], masks[0]) == (
+        "maps must be (N, H, W), got shape (4, 4)"
+    )
+    assert _message(compute_metrics, maps, masks[:1]) == (
+        "maps and masks must have the same shape, got maps (2, 4, 4) and masks (1, 4, 4)"
+    )
+    empty = np.zeros((0, 4, 4), np.float32)
+    assert _message(compute_metrics, empty, empty.astype(bool)) == (
+        "maps are empty (shape (0, 4, 4))"
+    )
+    assert _message(compute_metrics, maps.astype(np.complex64), masks) == (
+        "maps must be a real float array, got dtype complex64"
+    )
+    assert _message(compute_metrics, maps.astype(bool), masks) == (
+        "maps must be a real float array, got dtype bool"
+    )
+    bad = maps.copy()
+    bad[1, 2, 3] = np.nan
+    assert _message(compute_metrics, bad, masks) == (
+        "maps contain NaN; fix the model output before evaluating"
+    )
+    bad[1, 2, 3] = -np.inf
+    assert _message(compute_metrics, bad, masks) == "maps contain ±inf (min -inf, max 0.0)"
+    one_bad = np.zeros((2, 4, 4), np.uint8)
+    one_bad[1, 3, 3] = 7  # a single offending value: it is the example shown
+    assert _message(compute_metrics, maps, one_bad) == (
+        f"masks must be bool or hold only 0 and 1, found {np.uint8(7)!r} (dtype uint8); "
+        "binarize first, e.g. masks > 0"
+    )
+    assert _message(compute_metrics, maps, masks.astype(str)) == (
+        "masks must be bool, got dtype <U5"
+    )
+
+
+def test_binary_metrics_validation_messages_exact():
+    assert _message(binary_metrics, np.zeros((2, 2), np.float32), np.zeros((2, 2), bool)) == (
+        "scores and labels must be 1-D of equal length, got scores (2, 2) and labels (2, 2)"
+    )
+    assert _message(binary_metrics, np.zeros(3, np.float32), np.zeros(2, bool)) == (
+        "scores and labels must be 1-D of equal length, got scores (3,) and labels (2,)"
+    )
+    assert _message(binary_metrics, np.zeros(0, np.float32), np.zeros(0, bool)) == (
+        "scores are empty"
+    )
+    assert _message(binary_metrics, np.array([0.1, np.nan]), np.array([0, 1])) == (
+        "scores contain NaN; fix the model output before evaluating"
+    )
+    assert _message(binary_metrics, np.array([0.1, 0.2]), np.array([0, 2])) == (
+        f"labels must be bool or hold only 0 and 1, found {np.int64(2)!r} (dtype int64); "
+        "binarize first, e.g. labels > 0"
+    )
+
+
+def test_single_pixel_and_single_score_are_evaluated():
+    # one anomalous pixel alone: AP = F1 = 1, AUROC and PRO undefined (no normal pixel)
+    m = compute_metrics(np.full((1, 1, 1), 0.3, np.float32), np.ones((1, 1, 1), bool))
+    assert m["pixel_ap"] == 1.0 and m["pixel_f1_max"] == 1.0 and m["image_ap"] == 1.0
+    assert math.isnan(m["pixel_auroc"]) and math.isnan(m["pro"])
+    auroc, ap, f1 = binary_metrics(np.array([0.5], np.float32), np.array([True]))
+    assert math.isnan(auroc) and ap == 1.0 and f1 == 1.0
+
+
+def test_metrics_repr():
+    exact = Metrics({"pro": 0.5}, pro_mode="mvtec")
+    assert repr(exact) == "Metrics({'pro': 0.5}, pro_mode='mvtec', exact)"
+    approx = Metrics({"pro": 0.25}, pro_mode=None, exact=False)
+    assert repr(approx) == "Metrics({'pro': 0.25}, pro_mode=None, approximate)"
+
+
+def test_threshold_codes_select_exactly_the_scores_above_a_float64_threshold():
+    from clipsam_jax.metrics.curves import float32_order_key, threshold_codes_above
+
+    # float64 thresholds that float32 rounds up (0.1, 1/3), down (0.7, -0.1) or keeps (0.5,
+    # -2.0); for each, float32 scores just below, at and just above its float32 rounding.
+    # Oracle: numpy's own comparison float32 score > float64 threshold.
+    thresholds = np.array([0.1, 1 / 3, 0.7, -0.1, 0.5, -2.0])
+    codes = threshold_codes_above(thresholds)
+    for th, code in zip(thresholds, codes):
+        t32 = np.float32(th)
+        scores = np.array(
+            [np.nextafter(t32, np.float32(-np.inf)), t32, np.nextafter(t32, np.float32(np.inf))],
+            np.float32,
+        )
+        selected = float32_order_key(scores) >= code
+        np.testing.assert_array_equal(selected, scores.astype(np.float64) > th, err_msg=str(th))
+    # 0.1 rounds up: its float32 is above 0.1 and must count; 0.5 is exact: 0.5 must not
+    assert float32_order_key(np.array([np.float32(0.1)]))[0] >= codes[0]
+    assert float32_order_key(np.array([np.float32(0.5)]))[0] < codes[4]
+
+
+def test_curve_types_are_frozen():
+    import dataclasses
+
+    from clipsam_jax.metrics.curves import positive_curve, sort_scores
+
+    scores = sort_scores(np.array([0.1, 0.9], np.float32), np.array([False, True]))
+    curve = positive_curve(scores)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        scores.neg = np.zeros(0, np.uint32)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        curve.tp = np.zeros(0, np.int64)
+
+
+def test_image_and_pixel_metrics_entry_points_match_sklearn(rng):
+    from clipsam_jax.metrics import image_metrics, pixel_metrics
+
+    masks = blob_masks(rng, 8, 12, 12, anomalous_every=2)
+    maps = (rng.random(masks.shape) + 0.5 * masks).astype(np.float32)
+    img = image_metrics(maps, masks.astype(np.uint8))  # 0/1 integer masks are converted
+    expected = sklearn_triple(masks.any(axis=(1, 2)), maps.max(axis=(1, 2)))
+    np.testing.assert_allclose(
+        [img["image_auroc"], img["image_ap"], img["image_f1_max"]], expected, atol=1e-6
+    )
+    pix = pixel_metrics(maps, masks.astype(np.uint8), pro_mode="mvtec")
+    np.testing.assert_allclose(
+        [pix["pixel_auroc"], pix["pixel_ap"], pix["pixel_f1_max"]],
+        sklearn_triple(masks.ravel(), maps.ravel()),
+        atol=1e-6,
+    )
+    assert pix["pro"] == pytest.approx(reference_mvtec_pro(maps, masks), abs=1e-9)
+    assert pixel_metrics(maps, masks) == pix  # the default PRO is MVTec's
+    cflow = pixel_metrics(maps, masks, pro_mode="cflow")["pro"]
+    assert cflow == pytest.approx(reference_cal_pro_score(maps, masks), abs=1e-6)
+    with pytest.raises(MetricsInputError, match="pro_mode"):
+        pixel_metrics(maps, masks, pro_mode="auc")
+
+
+def test_mvtec_pro_curve_starts_at_the_origin_whatever_the_memory_held():
+    from clipsam_jax.metrics.curves import PositiveCurve
+    from clipsam_jax.metrics.pro import mvtec_pro
+
+    # Two distinct anomalous scores, N = 10: polyline (0, 0), (0, 0), (0, 0.5), (0, 0.5),
+    # (0.1, 1), (1, 1). Area over [0, 0.3]: 0.1 · (0.5 + 1) / 2 + 0.2 · 1 = 0.275.
+    curve = PositiveCurve(
+        tp=np.array([1, 2]), fp=np.array([0, 1]), fp_above=np.array([0, 0]),
+        weight=np.array([0.5, 1.0]), n_pos=2, n_neg=10,
+    )  # fmt: skip
+    for fill in (5.0, -3.0, np.nan):
+        # freed blocks of the curve arrays' size: a fresh np.empty may get them back
+        junk = [np.full(6, fill) for _ in range(4)]
+        del junk
+        assert mvtec_pro(curve) == pytest.approx(0.275 / 0.3, abs=1e-12)
+
+
+def test_trapezoid_up_to_by_hand():
+    from clipsam_jax.metrics.pro import trapezoid_up_to
+
+    x, y = np.array([0.0, 1.0, 2.0]), np.array([0.0, 1.0, 1.0])
+    assert trapezoid_up_to(x, y, 5.0) == pytest.approx(0.5 + 1.0)  # beyond the end: all of it
+    assert trapezoid_up_to(x, y, 2.0) == pytest.approx(1.5)
+    assert trapezoid_up_to(x, y, 0.5) == pytest.approx(0.5 * 0.5 * 0.5)  # y(0.5) = 0.5
+    assert trapezoid_up_to(x, y, 1.5) == pytest.approx(0.5 + 0.5)
+
+
+def test_pro_with_a_single_normal_pixel_by_hand():
+    # one row [A, A, N]: region {A, A} (R = 1) above the only normal pixel. MVTec: PRO = 1 from
+    # FPR 0 on → area 0.3 / 0.3 = 1. cflow: FPR is 0 or 1, the kept FPRs never spread: nan.
+    maps = np.array([[[0.9, 0.8, 0.1]]], np.float32)
+    masks = np.array([[[True, True, False]]])
+    assert compute_metrics(maps, masks, pro_mode="mvtec")["pro"] == pytest.approx(1.0)
+    assert math.isnan(compute_metrics(maps, masks, pro_mode="cflow")["pro"])
+
+
+def test_mvtec_class_without_anomalies_gives_nan(rng):
+    maps = rng.random((3, 8, 8)).astype(np.float32)
+    m = compute_metrics(maps, np.zeros(maps.shape, dtype=bool), pro_mode="mvtec")
+    assert all(math.isnan(v) for v in m.values())
+
+
+def test_cflow_constant_maps_give_nan():
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, 1:3, 1:3] = True
+    m = compute_metrics(np.full((2, 4, 4), 0.5, np.float32), masks, pro_mode="cflow")
+    assert math.isnan(m["pro"]) and m["pixel_auroc"] == 0.5
+
+
+def _integer_case(normals: list[float], anomalies: list[float]):
+    """One image row: the given normal and anomalous scores (anomalies adjacent: one region)."""
+    maps = np.array([[normals + anomalies]], np.float32)
+    masks = np.array([[[False] * len(normals) + [True] * len(anomalies)]])
+    return maps, masks
+
+
+def test_cflow_fpr_exactly_0_3_is_dropped():
+    # Scores 0..200, thresholds 0, 1, …, 199. Three of ten normals (150, 170, 190) are above
+    # every threshold in [120, 149]: FPR = 3/10 = 0.3 exactly there, which `< 0.3` drops.
+    normals = [0.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 150.0, 170.0, 190.0]
+    maps, masks = _integer_case(normals, [110.0, 130.0, 160.0, 200.0])
+    ours = compute_metrics(maps, masks, pro_mode="cflow")["pro"]
+    assert ours == pytest.approx(reference_cal_pro_score(maps, masks), abs=1e-9)
+
+
+def test_cflow_exactly_two_kept_thresholds():
+    # Normals at 200, 199, 198 (and lower): FPR(199) = 0.1, FPR(198) = 0.2, FPR(197) = 0.3, so
+    # exactly the two top thresholds are kept; their FPRs differ, so the area is defined.
+    normals = [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 198.0, 199.0, 200.0]
+    maps, masks = _integer_case(normals, [5.0, 198.5, 199.5])
+    ours = compute_metrics(maps, masks, pro_mode="cflow")["pro"]
+    reference = reference_cal_pro_score(maps, masks)
+    assert not math.isnan(reference)
+    assert ours == pytest.approx(reference, abs=1e-9)
+
+
+def test_cflow_fewer_than_two_kept_thresholds_is_nan():
+    # nine of ten normals at the maximum: every threshold has FPR ≥ 0.9, nothing is kept
+    maps, masks = _integer_case([0.0] + [200.0] * 9, [100.0, 150.0])
+    assert math.isnan(compute_metrics(maps, masks, pro_mode="cflow")["pro"])
+
+
+def test_cflow_thresholds_above_every_anomaly_count_zero_overlap(rng):
+    # the highest scores are normal pixels: the top thresholds have no anomalous pixel above
+    # them (PRO 0 there) while their FPR is still below 0.3
+    masks = blob_masks(rng, 8, 24, 24, anomalous_every=2)
+    maps = (rng.random(masks.shape) * 0.8 + 0.2 * masks).astype(np.float32)
+    maps[1, :3, :] = 1.0 + rng.random((3, 24))  # 72 normal pixels above every anomaly
+    assert not masks[1].any()
+    ours = compute_metrics(maps, masks, pro_mode="cflow")["pro"]
+    assert ours == pytest.approx(reference_cal_pro_score(maps, masks), abs=1e-6)
+
+
+def test_format_table_image_columns_missing_values_and_csv_quoting():
+    rough = {
+        'cap, "new"': {"image_auroc": 0.5, "image_f1_max": 0.25, "image_ap": 1.0},
+        "screw": {"image_auroc": 0.75},  # no F1-max / AP for this class: "nan"
+    }
+    final = {"zipper": {"image_auroc": 0.125, "image_f1_max": 0.5, "image_ap": float("nan")}}
+    columns = ("image_auroc", "image_f1_max", "image_ap")
+    md, csv = format_table(rough, final, columns)
+    assert md == (
+        "| class | I-AUROC (rough) | I-F1-max (rough) | I-AP (rough) | I-AUROC (final) "
+        "| I-F1-max (final) | I-AP (final) |\n"
+        "|:--|--:|--:|--:|--:|--:|--:|\n"
+        '| cap, "new" | 50.0 | 25.0 | 100.0 | nan | nan | nan |\n'
+        "| screw | 75.0 | nan | nan | nan | nan | nan |\n"
+        "| zipper | nan | nan | nan | 12.5 | 50.0 | nan |\n"
+        "| mean | 62.5 | 25.0 | 100.0 | 12.5 | 50.0 | nan |\n"
+    )
+    assert csv.splitlines()[1] == '"cap, ""new""",50.0,25.0,100.0,nan,nan,nan'
+    assert csv.splitlines()[2].startswith("screw,75.0,nan,") and csv.endswith("nan\n")
+    md1, _ = format_table({"a": {"pro": 0.5}}, columns=("pro",))
+    assert md1 == "| class | PRO (rough) |\n|:--|--:|\n| a | 50.0 |\n| mean | 50.0 |\n"
+
+
+def test_mean_over_classes_rejects_non_numbers():
+    with pytest.raises(ValueError):
+        mean_over_classes({"a": {"pro": "high"}})
+
+
+def test_streaming_default_4096_bins_tie_scores_within_a_bin():
+    # 0.5 and 0.5 + 0.9/4096 fall in the same 1/4096 bin (2048): an anomaly at 0.5 below a
+    # normal pixel at 0.5 + 0.9/4096 is a tie for the binned AUROC (0.5), not a miss (0).
+    maps = np.array([[[0.5, 0.5 + 0.9 / 4096, 0.1, 0.9]]], np.float32)
+    masks = np.array([[[True, False, False, False]]])
+    acc = StreamingPixelMetrics()
+    acc.update(maps, masks)
+    # negatives: 0.5+, 0.1, 0.9 → the anomaly beats 0.1, ties with 0.5+, loses to 0.9
+    assert acc.compute()["pixel_auroc"] == pytest.approx((1 + 0.5) / 3)
+    assert compute_metrics(maps, masks)["pixel_auroc"] == pytest.approx(1 / 3)  # exact
+
+
+def test_streaming_arguments_checked():
+    message = "need num_bins ≥ 2 and score_range low < high, got {}, {}"
+    with pytest.raises(MetricsInputError) as info:
+        StreamingPixelMetrics(num_bins=1)
+    assert str(info.value) == message.format(1, (0.0, 1.0))
+    with pytest.raises(MetricsInputError) as info:
+        StreamingPixelMetrics(num_bins=8, score_range=(0.5, 0.5))
+    assert str(info.value) == message.format(8, (0.5, 0.5))
+    two = StreamingPixelMetrics(num_bins=2)  # the smallest allowed: [0, 0.5) and [0.5, 1]
+    two.update(np.array([[[0.2, 0.7, 0.6]]], np.float32), np.array([[[False, True, False]]]))
+    assert two.compute()["pixel_auroc"] == pytest.approx(0.75)  # beats 0.2, ties with 0.6
+
+
+def test_streaming_exact_on_a_shifted_bin_grid(rng):
+    # score_range (2, 6) with 4 bins: bins [2, 3), [3, 4), [4, 5), [5, 6]; scores on the lower
+    # edges keep their order, so the binned metrics are the exact ones
+    masks = blob_masks(rng, 6, 16, 16, anomalous_every=2)
+    maps = 2.0 + rng.integers(0, 4, masks.shape) + masks * rng.integers(0, 2, masks.shape)
+    maps = np.minimum(maps, 5.0).astype(np.float32)
+    acc = StreamingPixelMetrics(num_bins=4, score_range=(2.0, 6.0))
+    acc.update(maps, masks)
+    approx, exact = acc.compute(), compute_metrics(maps, masks)
+    for key in METRIC_KEYS:
+        assert approx[key] == pytest.approx(exact[key], abs=1e-12), key
+
+
+def test_streaming_single_region_pro():
+    # one 2×2 region at 0.75, normals at 0.25 and 0.5 (bin lower edges of 4 bins): the binned
+    # PRO is the exact one, PRO = 1 from FPR 0 on
+    maps = np.full((1, 4, 4), 0.25, np.float32)
+    maps[0, 0, :] = 0.5
+    masks = np.zeros((1, 4, 4), bool)
+    masks[0, 2:, 2:] = True
+    maps[masks] = 0.75
+    acc = StreamingPixelMetrics(num_bins=4)
+    acc.update(maps, masks)
+    assert acc.compute()["pro"] == pytest.approx(1.0)
+    assert compute_metrics(maps, masks)["pro"] == pytest.approx(1.0)
+
+
+def test_streaming_compute_before_any_update_is_all_nan():
+    m = StreamingPixelMetrics().compute()
+    assert list(m) == [
+        "pixel_auroc", "pixel_ap", "pixel_f1_max", "pro", "image_auroc", "image_ap", "image_f1_max"
+    ]  # fmt: skip
+    assert all(math.isnan(v) for v in m.values()) and not m.exact

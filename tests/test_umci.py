@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 
 from clipsam_jax import torch_ref
 from clipsam_jax.config import HeadConfig, LossConfig
@@ -17,7 +19,7 @@ from clipsam_jax.losses import dice_loss, focal_loss, total_loss
 from clipsam_jax.models.heads import build_head, rough_map
 from clipsam_jax.models.init import init_params
 from clipsam_jax.models.layers import Conv2D, attention, average_pool
-from clipsam_jax.models.umci import UMCIHead
+from clipsam_jax.models.umci import UMCIHead, UMCIStage
 from conversion.head_params import flax_to_torch, torch_to_flax
 
 # ----------------------------------------------------------------------- hand-computed pieces
@@ -37,7 +39,7 @@ def test_attention_hand_computed():
 
 
 def test_gru_step_hand_computed():
-    """One Flax GRUCell step with c_h = 1 and weights set by hand (the equations of SPEC §2)."""
+    """One Flax GRUCell step with c_h = 1 and weights set by hand (the equations of docs/method.md §2)."""
     import flax.linen as nn
 
     cell = nn.GRUCell(1)
@@ -57,10 +59,38 @@ def test_gru_step_hand_computed():
     np.testing.assert_allclose(new_h[0, 0], expected, rtol=1e-6)
 
 
-def test_strip_and_scale_pooling_hand_computed():
-    p = jnp.arange(6.0).reshape(1, 2, 3, 1)  # [[0, 1, 2], [3, 4, 5]]
-    np.testing.assert_allclose(p.mean(axis=2)[0, :, 0], [1.0, 4.0])  # rows: 1×W pooling
-    np.testing.assert_allclose(p.mean(axis=1)[0, :, 0], [1.5, 2.5, 3.5])  # columns: H×1
+def test_strip_pooling_in_the_stage_hand_computed():
+    """The strip path's Avg_Pool_{1xW} and Avg_Pool_{Hx1} (Eq. 1) as UMCIStage computes them.
+
+    The projection and both strip convs are set to the identity (the conv's centre tap; kernel
+    3, zero padding), so the `v` each StripBranch sows is the pooled strip it was given.
+    """
+    # A 2x3 grid (H = 2 rows, W = 3 columns), two channels:
+    #   channel 0  [[0, 1, 2],      channel 1  [[6, 0, 0],
+    #               [3, 4, 5]]                  [0, 0, 0]]
+    tokens = jnp.array([[[[0.0, 6.0], [1.0, 0.0], [2.0, 0.0]],
+                         [[3.0, 0.0], [4.0, 0.0], [5.0, 0.0]]]])  # (1, 2, 3, 2)  # fmt: skip
+    # Row strips, mean over W of each row: channel 0 (0+1+2)/3 = 1, (3+4+5)/3 = 4;
+    #   channel 1 (6+0+0)/3 = 2, 0  ->  [[1, 2], [4, 0]]  (H = 2 strips).
+    rows = [[1.0, 2.0], [4.0, 0.0]]
+    # Column strips, mean over H of each column: channel 0 (0+3)/2 = 1.5, (1+4)/2 = 2.5,
+    #   (2+5)/2 = 3.5; channel 1 (6+0)/2 = 3, 0, 0  ->  [[1.5, 3], [2.5, 0], [3.5, 0]] (W = 3).
+    cols = [[1.5, 3.0], [2.5, 0.0], [3.5, 0.0]]
+    text = jnp.ones((1, 2, 2))
+    stage = UMCIStage(text_dim=2, hidden_dim=2, paths="strip")
+    params = stage.init(jax.random.PRNGKey(0), tokens, text)["params"]
+    identity = jnp.eye(2)
+    params["projection"] = {"kernel": identity, "bias": jnp.zeros(2)}
+    for branch in ("strip_row", "strip_col"):
+        kernel = jnp.zeros((3, 2, 2)).at[1].set(identity)  # (taps, in, out): centre tap = I
+        params[branch]["conv"] = {"kernel": kernel, "bias": jnp.zeros(2)}
+    _, state = stage.apply({"params": params}, tokens, text, mutable="intermediates")
+    got = state["intermediates"]
+    np.testing.assert_allclose(got["strip_row"]["v"][0][0], rows, rtol=1e-6)
+    np.testing.assert_allclose(got["strip_col"]["v"][0][0], cols, rtol=1e-6)
+
+
+def test_scale_pooling_hand_computed():
     grid = jnp.arange(37.0 * 37.0).reshape(1, 37, 37, 1)
     pooled = average_pool(grid, 3)
     assert pooled.shape == (1, 12, 12, 1)  # floor: row/col 36 dropped
@@ -108,19 +138,18 @@ def test_conv_formulations_agree():
 def test_inference_takes_the_forward_conv_and_same_maps():
     # "auto" runs shifted matmuls for CPU training (their backward), XLA's convolution for
     # inference; an explicit choice is kept. The head's output does not depend on it.
-    from clipsam_jax.inference import inference_head_config
+    from clipsam_jax.inference import inference_conv_impl
 
-    auto = HeadConfig(hidden_dim=8, pool_sizes=(2, 4))
-    assert inference_head_config(auto) == dataclasses.replace(auto, conv_impl="xla")
-    for impl in ("xla", "matmul"):
-        explicit = dataclasses.replace(auto, conv_impl=impl)
-        assert inference_head_config(explicit) is explicit
+    config = HeadConfig(hidden_dim=8, pool_sizes=(2, 4))
+    assert inference_conv_impl("auto") == "xla"
+    for impl in ("xla", "matmul", "im2col"):
+        assert inference_conv_impl(impl) == impl
     tokens = [np.random.default_rng(i).normal(size=(2, 9, 9, 12)).astype(np.float32)
               for i in range(4)]  # fmt: skip
     text = np.random.default_rng(9).normal(size=(2, 2, 10)).astype(np.float32)
-    training = build_head(dataclasses.replace(auto, conv_impl="matmul"), 10)
+    training = build_head(config, 10, conv_impl="matmul")
     params = init_params(training, 0, [t.shape for t in tokens], text.shape)
-    inference = build_head(inference_head_config(auto), 10)
+    inference = build_head(config, 10, conv_impl=inference_conv_impl("auto"))
     for a, b in zip(inference.apply({"params": params}, tokens, text),
                     training.apply({"params": params}, tokens, text), strict=True):  # fmt: skip
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -234,6 +263,57 @@ def parity_case(config: HeadConfig, size: int, loss_config: LossConfig | None = 
     for key, value in ours_as_torch.items():
         scale = max(np.abs(torch_grads[key]).max(), floor)
         assert np.abs(value - torch_grads[key]).max() / scale < 1e-4, key
+
+
+# Flax twin of tests/test_torch_ref.py::test_gradients_reach_every_parameter, with the same
+# mathematics: `scale_k/text_key/bias` shifts every key of a softmax over the two text keys by
+# the same amount, so its gradient is exactly 0; every other parameter reaches the loss (the
+# strip GRU and text_query only weakly: the second strip attention sees t_new only through
+# t_new_1 - t_new_0). The parity tests above floor their tolerance at 1e-3 of the largest
+# gradient, so a strip GRU cut off on the Flax side alone would slip through them; this test
+# would not. The head computes in float64 (x64; it hands float32 logits to the float32 loss,
+# which only rounds the cotangent coming back), so the zero gradients come out near 1e-18 of the
+# largest, far below 1e-12; random biases (init zeroes them) and doubled weights keep the
+# attention away from uniform, which lifts the weak gradients above ~1e-5 of the largest, far
+# above 1e-8.
+FLAX_EXACTLY_ZERO_GRADIENT = re.compile(r"scale_\d+/text_key/bias$")
+
+
+@pytest.mark.parametrize(
+    ("gru_reading", "shared_projection"), [("carry", True), ("sequence", False)],
+    ids=["carry-shared", "sequence-separate"],
+)  # fmt: skip
+def test_gradients_reach_every_parameter(gru_reading, shared_projection):
+    with jax.enable_x64(True):
+        tokens, text = small_inputs(12)  # S = 168; one stage keeps the compile short
+        tokens, text = [jnp.asarray(tokens[0], jnp.float64)], jnp.asarray(text, jnp.float64)
+        config = HeadConfig(hidden_dim=SMALL["hidden_dim"], gru_reading=gru_reading,
+                            shared_projection=shared_projection)  # fmt: skip
+        head = build_head(config, SMALL["text_dim"], num_stages=1, dtype=jnp.float64)
+        params = init_params(head, 3, [t.shape for t in tokens], text.shape)
+        rng = np.random.default_rng(4)
+        params = jax.tree.map(
+            lambda p: 2.0 * (p.astype(np.float64) + 0.1 * rng.standard_normal(p.shape)), params
+        )
+        masks = np.zeros((2, 168, 168), bool)
+        masks[0, 42:84, 56:90] = True  # image 1 defect-free
+
+        def loss_fn(p):
+            logits = head.apply({"params": p}, tokens, text)
+            return total_loss(logits, masks, LossConfig(stage_weights=(1.0,)))[0]
+
+        grads = traverse_util.flatten_dict(jax.jit(jax.grad(loss_fn))(params), sep="/")
+        size = {name: float(jnp.abs(g).max()) for name, g in grads.items()}
+        assert {g.dtype for g in grads.values()} == {jnp.dtype(jnp.float64)}
+    assert all(math.isfinite(v) for v in size.values())
+    largest = max(size.values())
+    zero = {name for name in size if FLAX_EXACTLY_ZERO_GRADIENT.search(name)}
+    assert len(zero) == 2  # one per scale
+    for name, value in size.items():
+        if name in zero:
+            assert value <= 1e-12 * largest, (name, value / largest)
+        else:
+            assert value >= 1e-8 * largest, (name, value / largest)
 
 
 def test_parity_with_pytorch_default_336():

@@ -1,4 +1,4 @@
-"""On-disk cache of CLIP patch tokens (16-bit) and S×S masks, one file pair per image (SPEC §3).
+"""On-disk cache of CLIP patch tokens (16-bit) and S×S masks, one file pair per image (docs/method.md §3).
 
 Keyed by the CLIP fingerprint (weights, image size S, feature layers, compute dtype) and by
 each image file (resolved path, size, modification time), so a changed file or model never
@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from clipsam_jax.clip.features import make_image_encoder
-from clipsam_jax.clip.loading import ClipModel
+from clipsam_jax.clip.loading import ClipModel, file_identity
 from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.types import Sample
 from clipsam_jax.parallel.mesh import data_mesh, pad_to, replicate, shard_batch, to_host
@@ -64,13 +64,8 @@ class FeatureCache:
         self.directory = Path(root) / clip.fingerprint
 
     def key(self, sample: Sample) -> str:
-        path = Path(sample.image_path).resolve()
-        stat = path.stat()
-        mask = ""
-        if sample.mask_path is not None:
-            mask_stat = Path(sample.mask_path).stat()
-            mask = f"{Path(sample.mask_path).resolve()}|{mask_stat.st_size}|{mask_stat.st_mtime_ns}"
-        identity = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{mask}"
+        mask = "" if sample.mask_path is None else file_identity(sample.mask_path)
+        identity = f"{file_identity(sample.image_path)}|{mask}"
         return hashlib.sha1(identity.encode()).hexdigest()[:24]
 
     def _paths(self, sample: Sample) -> tuple[Path, Path]:

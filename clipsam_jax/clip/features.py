@@ -16,7 +16,7 @@ from clipsam_jax.errors import ConfigError
 
 class ImageFeatures(NamedTuple):
     """`patch_tokens`: one (B, H, W, C) array per feature layer, the raw residual stream after
-    that encoder layer (class token dropped, no post-layernorm, no projection; SPEC §1).
+    that encoder layer (class token dropped, no post-layernorm, no projection; docs/method.md §1).
     `image_embeds`: (B, C_t) projected global image embedding (post-layernorm class token)."""
 
     patch_tokens: tuple[jax.Array, ...]
@@ -33,21 +33,15 @@ def resolve_attention(attention: str | None, dtype=None) -> str:
     """The vision tower's attention implementation; None and "auto" pick per backend.
 
     - "auto": "blocked" on CPU; on GPUs "cudnn" for bf16/fp16 compute where it compiles, else
-      "reference". `dtype` None counts as fp32 here.
+      "reference". `dtype` (the encoder's compute dtype) None counts as fp32 here.
     - "reference": transformers' FlaxCLIPAttention (materializes the (B, heads, T, T) weights).
-    - "fused": `jax.nn.dot_product_attention` with its default (XLA) implementation; on an H200
-      in bf16 it was no faster than "reference" (176 vs 190 images/s at batch 8,
-      benchmarks/results/run_all_h200_run2.json).
-    - "cudnn": the same function with cuDNN's flash-attention kernel: the scores never reach
-      memory. GPUs only, bf16/fp16 compute (`dtype`), where it compiles
-      (`cudnn_attention_available`). The GPU default: on an H200 in bf16 at S=518 the encoder
-      ran 319 against 190 images/s ("reference") at batch 8, 353 against 209 at batch 32
-      (benchmarks/results/run_all_h200_run4.json, `clip_encoder`).
-    - "blocked": one head at a time, in blocks of `ATTENTION_BLOCK` query rows, so the scores
-      stay in cache. The CPU default: 2.8x faster attention core than "reference" at S=518
-      (benchmarks/clip_features.py, `parts`).
+    - "fused": `jax.nn.dot_product_attention` (XLA); on GPUs in bf16 no faster than
+      "reference" (benchmarks/RESULTS.md), so never picked automatically.
+    - "cudnn": the same with cuDNN's flash-attention kernel; GPUs only, bf16/fp16 compute, where
+      it compiles. The GPU default: markedly faster in bf16 (benchmarks/RESULTS.md).
+    - "blocked": one head and `ATTENTION_BLOCK` query rows at a time, so the scores stay in
+      cache. The CPU default: much faster than "reference" (benchmarks/clip_features.py).
     Same params and the same function for all (rounding apart).
-    dtype: the encoder's compute dtype (None: not checked).
     """
     attention = "auto" if attention is None else attention
     if attention not in ATTENTION_IMPLS:
@@ -89,11 +83,8 @@ def _blocked_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax
     (`lax.map`) and `ATTENTION_BLOCK` query rows at a time: a block's scores (B, rows, T) fit in
     cache, where the whole (B, heads, T, T) tensor would stream through memory.
 
-    Two passes over the scores are saved, as flash attention does: the scale goes on q (T × d
-    values, not T × T), and the softmax's division on the output (rows × d): exp(s − max) v
-    divided by the row sums of exp(s − max). On 2 CPU cores at S=518 (T=1370, 16 heads of 64):
-    0.93x the time of the plain-softmax blocks (116 vs 121 ms per layer; PyTorch's SDPA 79 ms),
-    no change at S=336 (benchmarks/results/attention_core_cpu.json)."""
+    As flash attention does, the scale goes on q (T × d values, not T × T) and the softmax's
+    division on the output (rows × d); somewhat faster on CPU (benchmarks/attention_core.py)."""
     length = q.shape[1]
 
     def one_head(qkv):
@@ -123,9 +114,7 @@ def _cudnn_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.A
 def _attention_interceptor(core, fuse_qkv: bool = False):
     """A Flax method interceptor computing transformers' unmasked (vision) CLIP attention with
     `core(q, k, v, scale)` on (B, T, heads, head_dim) arrays; same projections, same params.
-    fuse_qkv: the three projections as one GEMM against their concatenated kernels (one pass
-    over the hidden states and a 3x wider GEMM; the concatenation is a copy of 6 MiB per layer
-    in bf16)."""
+    fuse_qkv: the three projections as one GEMM (`_fused_projection`)."""
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -162,11 +151,8 @@ _CORES = {"fused": _fused_core, "blocked": _blocked_core, "cudnn": _cudnn_core}
 
 def attention_core(attention: str):
     """`core(q, k, v, scale)` of a resolved attention name, on (B, T, heads, head_dim) arrays
-    (softmax(q kᵀ · scale) v); for "reference", the plain formula with the (B, heads, T, T)
-    scores materialized, as transformers' attention computes them."""
-    if attention == "reference":
-        return _reference_core
-    return _CORES[attention]
+    (softmax(q kᵀ · scale) v); "reference" materializes the (B, heads, T, T) scores."""
+    return _reference_core if attention == "reference" else _CORES[attention]
 
 
 def _reference_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -175,12 +161,9 @@ def _reference_core(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
 
 
 def vision_forward(
-    module,
-    pixels: jax.Array,
-    layers: tuple[int, ...],
-    attention: str = "reference",
+    module, pixels: jax.Array, layers: tuple[int, ...], attention: str = "reference",
     fuse_qkv: bool = False,
-) -> ImageFeatures:
+) -> ImageFeatures:  # fmt: skip
     """Run inside `module.apply`: pixels (B, S, S, 3) normalized → `ImageFeatures`.
     `attention`: a resolved name (not "auto"; see `resolve_attention`). `fuse_qkv`: the query,
     key and value projections as one GEMM (with the attentions other than "reference")."""
@@ -196,11 +179,9 @@ def vision_forward(
 
 
 def device_pixels(pixels: jax.Array) -> jax.Array:
-    """Inside a jitted function: uint8 (..., 3) resized RGB → float32 CLIP-normalized, the same
-    arithmetic as `data.image_io.normalize` (a batch then travels to the device as uint8, a
-    quarter of float32's bytes; on an H200 the encoder at batch 32 ran 1.15x as fast fed uint8 as
-    fed float32 from the host, run_all_h200_run7.json `clip_variants`); float input is returned
-    as it is (already normalized)."""
+    """Inside a jitted function: uint8 (..., 3) resized RGB → float32 CLIP-normalized as
+    `data.image_io.normalize` (uint8 is a quarter of float32's bytes to send to the device);
+    float input is returned as it is (already normalized)."""
     if pixels.dtype != jnp.uint8:
         return pixels
     return (pixels.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
@@ -208,12 +189,7 @@ def device_pixels(pixels: jax.Array) -> jax.Array:
 
 def resolve_fuse_qkv(fuse_qkv: bool | None, attention: str) -> bool:
     """Whether the encoder computes q, k, v as one GEMM (`vision_forward`); None = with cuDNN's
-    attention. On an H200 in bf16 with cuDNN's attention at S=518, alone, the fused GEMM ran at
-    531 / 483 TFLOP/s against 313 / 358 for each of the three (two runs); in the encoder, 1.02x
-    the images/s at batch 64 in both runs (395 vs 386, 388 vs 381), 1.00x / 1.02x / 1.03x at
-    batch 32 (run 7: 363 vs 352), 1.01x at 128 (benchmarks/results/run_all_h200_run{5,6,7}.json,
-    `clip_variants`). On 2 CPU cores with the blocked attention it was not faster
-    (clip_features_cpu_fused_qkv.json)."""
+    attention: slightly faster on GPUs in bf16, not on CPU (benchmarks/RESULTS.md)."""
     if fuse_qkv is None:
         return attention == "cudnn"
     return bool(fuse_qkv) and attention != "reference"

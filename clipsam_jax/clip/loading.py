@@ -1,4 +1,4 @@
-"""Loading the frozen CLIP backbone as a Flax module plus a params tree (SPEC §1).
+"""Loading the frozen CLIP backbone as a Flax module plus a params tree (docs/method.md §1).
 
 Sources: a Hugging Face hub id, or a local directory in Hugging Face layout (`config.json`,
 tokenizer files, and `flax_model.msgpack`, `model.safetensors` or `pytorch_model.bin`). PyTorch
@@ -25,6 +25,7 @@ from flax.traverse_util import flatten_dict
 
 from clipsam_jax.clip.position import resize_position_embedding
 from clipsam_jax.clip.weights import read_state_dict, torch_to_flax
+from clipsam_jax.config import ClipConfig
 from clipsam_jax.errors import CheckpointError, ConfigError
 
 WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
@@ -86,10 +87,22 @@ def default_feature_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(round(num_layers * k / 4) for k in (1, 2, 3, 4))
 
 
-def _resolve_local(directory: Path) -> tuple[Path, Path]:
+def looks_local(model: str) -> bool:
+    """Whether `--clip MODEL` names a local directory rather than a hub id ("org/name"): it
+    exists, starts like a path, has other than one "/", or its first part is a local folder
+    (`demo/tiny_clipp` next to `demo/`: a mistyped path, not a hub id to try for minutes)."""
+    if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+        return True
+    return model.count("/") != 1 or Path(model.split("/")[0]).is_dir()
+
+
+def resolve_local(directory: Path) -> tuple[Path, Path]:
     """(config.json, weights file) of a local HF CLIP directory, or a `CheckpointError`."""
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such directory")
+        raise CheckpointError(
+            f"--clip {directory}: no such directory. Give a local CLIP directory (Hugging Face "
+            "layout) or a hub id such as openai/clip-vit-large-patch14-336."
+        )
     config = directory / "config.json"
     if not config.is_file():
         raise CheckpointError(
@@ -125,9 +138,8 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id!r} on the hub has no config.json: not a CLIP model")
     for name in TOKENIZER_FILES:
         fetch(name)
-    for name in WEIGHT_FILES:
-        if fetch(name) is not None:
-            return config.parent
+    if any(fetch(name) is not None for name in WEIGHT_FILES):
+        return config.parent
     raise CheckpointError(f"{repo_id!r} on the hub has none of {', '.join(WEIGHT_FILES)}")
 
 
@@ -135,8 +147,7 @@ def _load_config(path: Path) -> Any:
     from transformers import CLIPConfig
 
     try:
-        text = path.read_text()
-        if json.loads(text).get("model_type") != "clip":
+        if json.loads(path.read_text()).get("model_type") != "clip":
             raise CheckpointError(f"{path}: model_type is not 'clip'")
         return CLIPConfig.from_pretrained(str(path.parent))
     except CheckpointError:
@@ -145,10 +156,14 @@ def _load_config(path: Path) -> Any:
         raise CheckpointError(f"{path}: malformed CLIP config ({error})") from error
 
 
+def file_identity(path: str | Path) -> str:
+    """`resolved path|size|mtime` of a file, so that a changed file gets new cache keys."""
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def _file_key(path: Path) -> str:
-    stat = path.stat()
-    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_FORMAT}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{file_identity(path)}|{_CACHE_FORMAT}".encode()).hexdigest()[:16]
 
 
 def param_shapes(module: Any, image_size: int) -> dict:
@@ -178,10 +193,8 @@ def _check_tree(params: dict, expected: dict, source: str) -> None:
 
 def _load_params(weights: Path, shapes: dict, cache_dir: Path) -> dict:
     """Flax params from a Flax msgpack, or converted (and cached) from PyTorch weights."""
-    if weights.name == "flax_model.msgpack":
-        cached = weights
-    else:
-        cached = cache_dir / "clip" / _file_key(weights) / "flax_params.msgpack"
+    flax = weights.name == "flax_model.msgpack"
+    cached = weights if flax else cache_dir / "clip" / _file_key(weights) / "flax_params.msgpack"
     if cached.is_file():
         try:
             params = serialization.msgpack_restore(cached.read_bytes())
@@ -198,20 +211,17 @@ def _load_params(weights: Path, shapes: dict, cache_dir: Path) -> dict:
 
 
 def resolve_dtype(dtype: str) -> jnp.dtype:
-    """ "auto" = bfloat16 on accelerators, float32 on CPU (SPEC §1, issue 6)."""
+    """ "auto" = bfloat16 on accelerators, float32 on CPU (docs/method.md §1)."""
     if dtype == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
 
 
 def load_clip(
-    model: str,
-    image_size: int = 518,
-    feature_layers: tuple[int, ...] | None = None,
-    cache_dir: str | Path | None = None,
-    dtype: str = "auto",
-    attention: str = "auto",
-) -> ClipModel:
+    model: str, image_size: int = ClipConfig.image_size,
+    feature_layers: tuple[int, ...] | None = None, cache_dir: str | Path | None = None,
+    dtype: str = "auto", attention: str = "auto",
+) -> ClipModel:  # fmt: skip
     """Load a CLIP checkpoint as a `ClipModel` at input size `image_size`.
 
     Args:
@@ -228,13 +238,13 @@ def load_clip(
     from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    local = Path(model).expanduser()
-    if local.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        directory = local
-    else:
-        directory = _download(model)
-    config_path, weights = _resolve_local(directory)
+    directory = Path(model).expanduser() if looks_local(model) else _download(model)
+    config_path, weights = resolve_local(directory)
     config = _load_config(config_path)
+    patch = int(config.vision_config.patch_size)
+    if image_size % patch:  # before the weights load: a bad size fails at once
+        raise ConfigError(f"--image-size {image_size} is not a multiple of {directory}'s patch "
+                          f"size {patch} (e.g. {round(image_size / patch) * patch or patch})")  # fmt: skip
     native = int(config.vision_config.image_size)
     shapes = param_shapes(FlaxCLIPModule(config=config), native)
     params = _load_params(weights, shapes, cache_dir)
@@ -253,16 +263,10 @@ def load_clip(
 
 
 def build_clip_model(
-    config: Any,
-    params: dict,
-    tokenizer: Any,
-    image_size: int,
-    feature_layers: tuple[int, ...] | None = None,
-    dtype: str = "auto",
-    identity: str = "random",
-    source: str = "<in memory>",
-    attention: str = "auto",
-) -> ClipModel:
+    config: Any, params: dict, tokenizer: Any, image_size: int,
+    feature_layers: tuple[int, ...] | None = None, dtype: str = "auto", identity: str = "random",
+    source: str = "<in memory>", attention: str = "auto",
+) -> ClipModel:  # fmt: skip
     """A `ClipModel` from a config and params at the config's native size (loaded, converted or
     random): resizes the position grid to `image_size` and fixes the feature layers."""
     from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
@@ -273,12 +277,10 @@ def build_clip_model(
     if image_size % patch:
         raise ConfigError(f"image size {image_size} is not a multiple of the patch size {patch}")
     if image_size != int(vision.image_size):
-        params = copy.copy(params)
-        position = params["vision_model"]["embeddings"]["position_embedding"]
-        resized = resize_position_embedding(position["embedding"], image_size // patch)
-        params["vision_model"] = _replace_path(
-            params["vision_model"], ("embeddings", "position_embedding", "embedding"), resized
-        )
+        position = params["vision_model"]["embeddings"]["position_embedding"]["embedding"]
+        resized = resize_position_embedding(position, image_size // patch)
+        path = ("vision_model", "embeddings", "position_embedding", "embedding")
+        params = _replace_path(params, path, resized)
         vision.image_size = image_size
     layers = tuple(feature_layers or default_feature_layers(vision.num_hidden_layers))
     if not all(1 <= k <= vision.num_hidden_layers for k in layers):
@@ -288,17 +290,11 @@ def build_clip_model(
 
     resolve_attention(attention, compute_dtype)  # a bad choice fails here, before any work
     key = f"{identity}|{image_size}|{layers}|{jnp.dtype(compute_dtype).name}"
-    return ClipModel(
-        config=config,
-        module=FlaxCLIPModule(config=config, dtype=compute_dtype),
-        params=jax.tree.map(_to_device, params),
-        tokenizer=tokenizer,
-        image_size=image_size,
-        feature_layers=layers,
-        fingerprint=f"{identity.split('-')[0]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}",
-        source=source,
-        attention=attention,
-    )
+    fingerprint = f"{identity.split('-')[0]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return ClipModel(config=config, module=FlaxCLIPModule(config=config, dtype=compute_dtype),
+                     params=jax.tree.map(_to_device, params), tokenizer=tokenizer,
+                     image_size=image_size, feature_layers=layers, fingerprint=fingerprint,
+                     source=source, attention=attention)  # fmt: skip
 
 
 def _to_device(leaf: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Resizing CLIP's learned position embeddings to another input size (SPEC §1)."""
+"""Resizing CLIP's learned position embeddings to another input size (docs/method.md §1)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ import numpy as np
 
 
 def resize_position_embedding(embedding: np.ndarray, new_grid: int) -> np.ndarray:
-    """Resize a ViT position table from its square grid to `new_grid`, class position kept.
-
-    Args:
-      embedding: (1 + g*g, D) table, row 0 the class position.
-      new_grid: target grid side n (S / patch size).
-    Returns:
-      (1 + n*n, D) float32 table.
+    """(1 + g*g, D) ViT position table, row 0 the class position (kept) → (1 + n*n, D) float32
+    for `new_grid` n (S / patch size).
 
     Bicubic with half-pixel centres, as open_clip / APRIL-GAN resize them with
     `torch.nn.functional.interpolate(mode="bicubic", antialias=True, align_corners=False)`:

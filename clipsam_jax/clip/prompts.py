@@ -1,4 +1,4 @@
-"""The compositional prompt ensemble and the text features L (Appendix A, SPEC §1).
+"""The compositional prompt ensemble and the text features L (Appendix A, docs/method.md §1).
 
 L for a class is a (2, C_t) array: row 0 the normal-state feature, row 1 the anomalous one
 (the paper writes it as C_t × 2). Each sentence is encoded with CLIP's text tower and projected,

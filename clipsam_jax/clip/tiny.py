@@ -29,29 +29,13 @@ def tiny_clip_config(seed_vocab_size: int):
     """A `CLIPConfig` of a few layers and small width, quick_gelu like OpenAI's CLIP."""
     from transformers import CLIPConfig
 
-    text = dict(
-        vocab_size=seed_vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        initializer_factor=TINY_INIT_FACTOR,
-        bos_token_id=seed_vocab_size - 2,
-        eos_token_id=seed_vocab_size - 1,
-        pad_token_id=seed_vocab_size - 1,
-    )
-    vision = dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        image_size=TINY_NATIVE_SIZE,
-        patch_size=14,
-        hidden_act="quick_gelu",
-        initializer_factor=TINY_INIT_FACTOR,
-    )
+    common = dict(hidden_act="quick_gelu", initializer_factor=TINY_INIT_FACTOR)
+    text = dict(vocab_size=seed_vocab_size, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                bos_token_id=seed_vocab_size - 2, eos_token_id=seed_vocab_size - 1,
+                pad_token_id=seed_vocab_size - 1, **common)  # fmt: skip
+    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+                  image_size=TINY_NATIVE_SIZE, patch_size=14, **common)  # fmt: skip
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=24,
                       initializer_factor=TINY_INIT_FACTOR)  # fmt: skip
 
@@ -60,14 +44,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2 byte → printable-character table: printable bytes map to themselves, the
     others to code points from 256 upward (so every byte has a visible symbol)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in keep:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
+    extra = iter(range(256, 512))
+    return {byte: chr(byte if byte in keep else next(extra)) for byte in range(256)}
 
 
 def _learn_merges(words: Counter, count: int) -> list[tuple[str, str]]:
@@ -77,9 +55,8 @@ def _learn_merges(words: Counter, count: int) -> list[tuple[str, str]]:
     for _ in range(count):
         pairs: Counter = Counter()
         for word, freq in words.items():
-            parts = symbols[word]
-            for a, b in itertools.pairwise(parts):
-                pairs[(a, b)] += freq
+            for pair in itertools.pairwise(symbols[word]):
+                pairs[pair] += freq
         if not pairs:
             break
         best = min(pairs, key=lambda p: (-pairs[p], p))
@@ -103,11 +80,9 @@ def write_tokenizer(directory: Path, merges_count: int = 300):
     OpenAI's CLIP."""
     from transformers import CLIPTokenizerFast
 
-    corpus = []
-    for template in TEMPLATE_SETS["aprilgan35"]:
-        for state in NORMAL_STATES + ANOMALOUS_STATES:
-            corpus += template.format(state.format("object")).replace(".", " .").split()
-    words = Counter(w.lower() for w in corpus)
+    states = NORMAL_STATES + ANOMALOUS_STATES
+    prompts = [t.format(s.format("object")) for t in TEMPLATE_SETS["aprilgan35"] for s in states]
+    words = Counter(w.lower() for p in prompts for w in p.replace(".", " .").split())
     byte_chars = list(_bytes_to_unicode().values())
     merges = _learn_merges(words, merges_count)
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
@@ -145,10 +120,7 @@ def write_tiny_clip(
         from flax import serialization
         from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
 
-        from clipsam_jax.clip.loading import param_shapes
-
         module = FlaxCLIPModule(config=config)
-        shapes = param_shapes(module, TINY_NATIVE_SIZE)
 
         @jax.jit
         def init(key):
@@ -157,7 +129,6 @@ def write_tiny_clip(
             return module.init(key, ids, pixels, ids + 1, ids)["params"]
 
         params = jax.device_get(init(jax.random.PRNGKey(seed)))
-        assert jax.tree.structure(params) == jax.tree.structure(shapes)
         config.save_pretrained(str(directory))
         (directory / "flax_model.msgpack").write_bytes(serialization.to_bytes(params))
     return directory

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -22,6 +23,46 @@ _IGNORED_SOURCE_KEYS = (
 )
 
 
+def describe_file(path: str | Path) -> str:
+    """What the first bytes of `path` look like, in words, for error messages."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (PyTorch's own format), damaged or cut short"
+    if head[:1] == b"\x80":
+        return "a Python pickle that is damaged or not a checkpoint"
+    if head.lstrip()[:5].lower() in (b"<!doc", b"<html"):
+        return "an HTML page (a failed download?)"
+    if head[8:9] == b"{":
+        return "a safetensors file (name it .safetensors)"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "no PyTorch checkpoint format known here"
+
+
+def torch_load(path: str | Path, what: str, fix: str) -> Any:
+    """`torch.load` of a tensors-only pickle (`weights_only`: no code runs), its failures in
+    our words: the file, what it seems to be, and `fix` (what to pass instead)."""
+    import torch  # only the pickle format needs torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        if "Unsupported global" in str(error):  # a pickle of more than tensors
+            raise CheckpointError(
+                f"{path}: this {what} holds Python objects besides tensors, which are not "
+                "loaded because they could run code. Save the weights alone, e.g. "
+                "torch.save(model.state_dict(), 'weights.pth'), and pass that file."
+            ) from error
+        raise CheckpointError(
+            f"{path}: cannot read it as a {what}: it looks like {describe_file(path)}. {fix}"
+        ) from error
+
+
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Read a `.safetensors` or `.bin`/`.pt` PyTorch state dict → {name: float32 array}."""
     path = Path(path)
@@ -31,9 +72,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
             tensors = load_file(str(path))
         else:
-            import torch  # only the pickle format needs torch
-
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+            loaded = torch_load(path, "CLIP state dict", "Give a Hugging Face CLIP directory, "
+                                "or convert the checkpoint with `python -m conversion.clip`.")  # fmt: skip
             if not isinstance(loaded, Mapping):
                 raise CheckpointError(
                     f"{path}: expected a state dict, found {type(loaded).__name__}"
@@ -41,8 +81,10 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             tensors = {k: v.float().numpy() for k, v in loaded.items() if hasattr(v, "numpy")}
     except CheckpointError:
         raise
-    except Exception as error:  # corrupt archive, truncated file, wrong format
-        raise CheckpointError(f"{path}: cannot read this checkpoint ({error})") from error
+    except Exception as error:  # a damaged safetensors file
+        raise CheckpointError(
+            f"{path}: cannot read it as a state dict: it looks like {describe_file(path)}"
+        ) from error
     return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
 
 
@@ -87,8 +129,7 @@ def torch_to_flax(
         try:
             flax_key, value = _flax_key(key, array)
         except CheckpointError:
-            unused.append(key)
-            continue
+            flax_key = None
         if flax_key not in expected:
             unused.append(key)
             continue
@@ -115,11 +156,9 @@ def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
     out = {}
     for path, value in flatten_dict(dict(params)).items():
         value = np.asarray(value)
-        leaf = path[-1]
-        if leaf in ("scale", "embedding"):
-            path, value = (*path[:-1], "weight"), value
-        elif leaf == "kernel":
+        if path[-1] == "kernel":
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        if path[-1] in ("scale", "embedding", "kernel"):
             path = (*path[:-1], "weight")
         out[".".join(path)] = np.array(value, order="C")
     return out

@@ -52,14 +52,6 @@ class Source:
     is_root: Callable[[Path], bool]  # does this folder hold the dataset's classes?
 
 
-def _is_mvtec_root(folder: Path) -> bool:
-    return any((d / "test").is_dir() and (d / "train").is_dir() for d in subfolders(folder))
-
-
-def _is_visa_root(folder: Path) -> bool:
-    return any((d / "Data" / "Images").is_dir() for d in subfolders(folder))
-
-
 SOURCES = {
     "mvtec": Source(
         "MVTec-AD",
@@ -67,14 +59,16 @@ SOURCES = {
         "420938113-1629952094/mvtec_anomaly_detection.tar.xz",
         "https://www.mvtec.com/company/research/datasets/mvtec-ad",
         "CC BY-NC-SA 4.0 (non-commercial use)",
-        _is_mvtec_root,
+        lambda folder: any(
+            (d / "test").is_dir() and (d / "train").is_dir() for d in subfolders(folder)
+        ),
     ),
     "visa": Source(
         "VisA",
         "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
         "https://github.com/amazon-science/spot-diff",
         "CC BY 4.0",
-        _is_visa_root,
+        lambda folder: any((d / "Data" / "Images").is_dir() for d in subfolders(folder)),
     ),
 }
 VISA_SPLIT_CSV_URL = (
@@ -88,20 +82,32 @@ def fetch(url: str, dest: str | PathLike, progress: bool = True) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     start = partial.stat().st_size if partial.exists() else 0
-    headers = {"Range": f"bytes={start}-"} if start else {}
     try:
-        request = urllib.request.Request(url, headers=headers)
+        request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
         with urllib.request.urlopen(request, timeout=60) as response:
             if start and response.status != 206:  # the server ignored the range: start over
                 start = 0
             _append(response, partial, start, dest.name if progress else None)
+    except urllib.error.HTTPError as error:
+        if not (start and error.code == 416):
+            raise _failed(url, partial, error) from error
+        # Range Not Satisfiable: nothing after byte `start`. "bytes */<size>" names the size:
+        # the partial file is the whole file (interrupted before the rename), or it is stale.
+        size = (error.headers.get("Content-Range") or "").rpartition("/")[2].strip()
+        if size != str(start):
+            partial.unlink()
+            return fetch(url, dest, progress)
     except (urllib.error.URLError, OSError) as error:
-        raise DatasetError(
-            f"download of {url} failed ({error}). Rerun to resume from {partial}, or download "
-            "the file yourself and pass --archive FILE."
-        ) from error
+        raise _failed(url, partial, error) from error
     partial.replace(dest)
     return dest
+
+
+def _failed(url: str, partial: Path, error: Exception) -> DatasetError:
+    return DatasetError(
+        f"download of {url} failed ({error}). Rerun to resume from {partial}, or download "
+        "the file yourself and pass --archive FILE."
+    )
 
 
 def _append(response, partial: Path, start: int, label: str | None) -> None:
@@ -133,11 +139,10 @@ def extract(archive: str | PathLike, out_dir: str | PathLike) -> Path:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
             _check_members(members, out_dir)
+            # Python < 3.10.12 has no extraction filters: the members were checked above
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             for member in tqdm(members, desc=f"extracting {archive.name}", unit="file"):
-                if hasattr(tarfile, "data_filter"):
-                    tar.extract(member, out_dir, filter="data")
-                else:  # Python < 3.10.12: the members were checked above
-                    tar.extract(member, out_dir)
+                tar.extract(member, out_dir, **safe)
     except tarfile.TarError as error:
         raise DatasetError(f"{archive}: not a readable tar archive ({error})") from error
     return out_dir
@@ -183,12 +188,9 @@ def ensure_visa_split_csv(root: Path, split_csv: Path | None = None) -> Path:
 
 
 def download(
-    name: str,
-    out_dir: str | PathLike,
-    archive: str | PathLike | None = None,
-    keep_archive: bool = False,
-    split_csv: str | PathLike | None = None,
-) -> Path:
+    name: str, out_dir: str | PathLike, archive: str | PathLike | None = None,
+    keep_archive: bool = False, split_csv: str | PathLike | None = None,
+) -> Path:  # fmt: skip
     """Download (or take `archive`), extract and check dataset `name`; returns its root."""
     from clipsam_jax.data.registry import load_dataset  # registry imports every loader
 
@@ -198,9 +200,8 @@ def download(
     downloaded = archive is None
     if not downloaded and not Path(archive).is_file():
         raise DatasetError(f"{archive}: no such archive")
-    path = (
-        fetch(source.url, out_dir / source.url.rsplit("/", 1)[-1]) if downloaded else Path(archive)
-    )
+    file_name = source.url.rsplit("/", 1)[-1]
+    path = fetch(source.url, out_dir / file_name) if downloaded else Path(archive)
     print(f"{path.name}: sha256 {sha256(path)} (no publisher checksum known; not verified)")
     root = find_root(extract(path, out_dir), source)
     if name == "visa":
@@ -221,10 +222,10 @@ def download_visa(out_dir: str | PathLike, **kwargs) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run(_main, argv, configure_logging=False)
+    return cli.run(_main, argv)
 
 
-def _main(argv: Sequence[str] | None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clipsam_jax.data.download",
         description="Download and extract MVTec-AD or VisA (see the module docstring).",
@@ -234,14 +235,13 @@ def _main(argv: Sequence[str] | None) -> None:
     parser.add_argument("--archive", default=None, help="extract this archive; no download")
     parser.add_argument("--keep-archive", action="store_true", help="keep the downloaded file")
     parser.add_argument("--split-csv", default=None, help="VisA: a local split_csv/1cls.csv")
-    args = parser.parse_args(argv)
-    download(
-        args.dataset,
-        args.out or Path("data") / args.dataset,
-        archive=args.archive,
-        keep_archive=args.keep_archive,
-        split_csv=args.split_csv,
-    )
+    return parser
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    args = _parser().parse_args(argv)
+    download(args.dataset, args.out or Path("data") / args.dataset, archive=args.archive,
+             keep_archive=args.keep_archive, split_csv=args.split_csv)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Images of any PIL mode become uint8 RGB: grayscale and palette images are replicated or
 expanded, alpha is dropped, 16-bit and float images are scaled to 8 bits with a note
 (`ImageConversionWarning`). Preprocessing squashes to S×S (no crop, aspect ratio ignored) with
-PIL's bicubic filter and applies the CLIP mean/std (SPEC §1).
+PIL's bicubic filter and applies the CLIP mean/std (docs/method.md §1).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipsam_jax.errors import ImageReadError
 
-# OpenAI CLIP normalization (SPEC §1).
+# OpenAI CLIP normalization (docs/method.md §1).
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 
@@ -26,6 +26,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 class ImageConversionWarning(UserWarning):
     """An image was converted in a way that loses information (16-bit or float to 8 bits)."""
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the stored pixels are turned
 
 
 def _open(path: str | PathLike) -> Image.Image:
@@ -42,7 +45,8 @@ def _open(path: str | PathLike) -> Image.Image:
         ) from error
     if image.width == 0 or image.height == 0:
         raise ImageReadError(f"{path}: image has zero size ({image.width}x{image.height})")
-    return image
+    # As every image viewer shows it: an EXIF orientation tag (cameras, phones) applied.
+    return ImageOps.exif_transpose(image)
 
 
 def pil_to_rgb(image: Image.Image, source: str = "<array>") -> np.ndarray:
@@ -75,7 +79,8 @@ def pil_to_rgb(image: Image.Image, source: str = "<array>") -> np.ndarray:
 
 
 def read_image(path: str | PathLike) -> np.ndarray:
-    """Decode an image file → uint8 RGB (H, W, 3). Raises `ImageReadError` naming the file."""
+    """Decode an image file → uint8 RGB (H, W, 3), EXIF orientation applied. Raises
+    `ImageReadError` naming the file."""
     return pil_to_rgb(_open(path), source=str(path))
 
 
@@ -83,13 +88,14 @@ def image_size(path: str | PathLike) -> tuple[int, int]:
     """(height, width) of an image file, reading only its header."""
     try:
         with Image.open(path) as image:
-            return image.height, image.width
+            turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # 90° or 270°
+            return (image.width, image.height) if turned else (image.height, image.width)
     except (UnidentifiedImageError, OSError) as error:
         raise ImageReadError(f"{path}: cannot decode this image ({error})") from error
 
 
 def read_mask(path: str | PathLike, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a ground-truth mask → bool (H, W), True where any channel is > 0 (SPEC §5).
+    """Decode a ground-truth mask → bool (H, W), True where any channel is > 0 (docs/method.md §5).
 
     VisA masks hold defect ids 1..N rather than 255, hence `> 0`. With `expected_hw`, a mask
     whose size differs from its image's raises `ImageReadError` naming both sizes.
@@ -107,7 +113,7 @@ def read_mask(path: str | PathLike, expected_hw: tuple[int, int] | None = None) 
 
 
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
-    """uint8 RGB (H, W, 3) → uint8 (size, size, 3), squashed with PIL bicubic (SPEC §1)."""
+    """uint8 RGB (H, W, 3) → uint8 (size, size, 3), squashed with PIL bicubic (docs/method.md §1)."""
     return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
 
 
@@ -122,7 +128,7 @@ def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """bool (H, W) → bool (size, size): bilinear resize of the 0/1 mask, then `> 0.5` (SPEC §5)."""
+    """bool (H, W) → bool (size, size): bilinear resize of the 0/1 mask, then `> 0.5` (docs/method.md §5)."""
     if mask.shape == (size, size):
         return mask.astype(bool)
     image = Image.fromarray(mask.astype(np.uint8) * 255)

@@ -1,4 +1,4 @@
-"""Kolektor Surface-Defect Dataset 2 (KSDD2) layout (SPEC §6): `{train,test}/<id>.png` + `<id>_GT.png`.
+"""Kolektor Surface-Defect Dataset 2 (KSDD2) layout (docs/method.md §6): `{train,test}/<id>.png` + `<id>_GT.png`.
 
 One class. Every image has a ground-truth file, empty for defect-free images, so the label is
 the mask's non-emptiness (read when listing). The protocol uses the test split (Appendix C.4).
@@ -9,16 +9,16 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 
-from tqdm import tqdm
-
 from clipsam_jax.data.image_io import read_mask
 from clipsam_jax.data.types import (
     GOOD,
     Dataset,
     Sample,
     check_not_empty,
+    check_pairs,
     image_files,
     missing_dataset_error,
+    reading_masks,
     select_classes,
 )
 from clipsam_jax.errors import DatasetError
@@ -27,7 +27,6 @@ CLASS_NAME = "ksdd2"
 DEFECT = "defect"  # KSDD2 has no defect types
 MASK_SUFFIX = "_GT"
 SPLITS = ("train", "test")
-PROGRESS_MIN = 200  # show a progress bar when reading more masks than this
 SOURCE = "https://www.vicos.si/resources/kolektorsdd2/"
 LAYOUT = """\
 <root>/train/<id>.png   <root>/train/<id>_GT.png
@@ -47,24 +46,16 @@ def load_ksdd2(
     if not folder.is_dir():
         raise DatasetError(f"{folder}: missing folder; expected the {split} images and masks")
     select_classes("KSDD2", [CLASS_NAME], classes, root)
-    pairs = _pairs(folder)
-    if len(pairs) > PROGRESS_MIN:
-        pairs = tqdm(pairs, desc="KSDD2: reading masks for labels", unit="mask", leave=False)
-    samples = [_sample(image, mask) for image, mask in pairs]
+    samples = [_sample(image, mask) for image, mask in reading_masks(_pairs(folder), "KSDD2")]
     return check_not_empty({CLASS_NAME: samples}, root, f"expected {split}/<id>.png")
 
 
 def _pairs(folder: Path) -> list[tuple[Path, Path]]:
     """(image, mask) pairs of a split folder, paired by id, sorted by image path."""
     files = image_files(folder)
-    masks = {p.stem[: -len(MASK_SUFFIX)]: p for p in files if p.stem.endswith(MASK_SUFFIX)}
+    masks = {p.stem.removesuffix(MASK_SUFFIX): p for p in files if p.stem.endswith(MASK_SUFFIX)}
     images = {p.stem: p for p in files if not p.stem.endswith(MASK_SUFFIX)}
-    for stem in sorted(set(images) - set(masks)):
-        raise DatasetError(
-            f"{images[stem]}: image without a mask; expected {stem}{MASK_SUFFIX}.png beside it"
-        )
-    for stem in sorted(set(masks) - set(images)):
-        raise DatasetError(f"{masks[stem]}: mask without an image; expected {stem}.png beside it")
+    check_pairs(images, masks, ".png", f"{MASK_SUFFIX}.png")
     return [(images[stem], masks[stem]) for stem in sorted(images, key=lambda s: str(images[s]))]
 
 

@@ -1,4 +1,4 @@
-"""`meta.json`, the dataset index of APRIL-GAN and AnomalyCLIP (SPEC §6), read and written.
+"""`meta.json`, the dataset index of APRIL-GAN and AnomalyCLIP (docs/method.md §6), read and written.
 
     {"train" | "test": {class: [{"img_path", "mask_path", "cls_name", "specie_name",
                                  "anomaly"}, ...]}}
@@ -25,6 +25,7 @@ from clipsam_jax.data.types import (
     Dataset,
     Sample,
     check_not_empty,
+    listed_file,
     missing_dataset_error,
     select_classes,
 )
@@ -42,12 +43,8 @@ SOURCE = (
     "python -m clipsam_jax.data.meta --layout {mvtec,visa,mtd,ksdd2} --root <root>"
 )
 # Splits each layout's meta.json holds: MTD is used whole, as the test set.
-LAYOUT_SPLITS = {
-    "mvtec": ("train", "test"),
-    "visa": ("train", "test"),
-    "mtd": ("test",),
-    "ksdd2": ("train", "test"),
-}
+LAYOUT_SPLITS = {"mvtec": ("train", "test"), "visa": ("train", "test"), "mtd": ("test",),
+                 "ksdd2": ("train", "test")}  # fmt: skip
 
 
 def read_meta(
@@ -74,11 +71,10 @@ def read_meta(
 
 
 def _sample(root: Path, path: Path, entry: dict) -> Sample:
-    missing = [k for k in KEYS if k not in entry]
-    if missing:
+    if missing := [k for k in KEYS if k not in entry]:
         raise DatasetError(f"{path}: entry {entry} lacks {', '.join(missing)}")
     anomaly = int(entry["anomaly"])
-    image = _existing(root / entry["img_path"], path, "image")
+    image = listed_file(root / entry["img_path"], path, "image")
     if anomaly == 0:
         return Sample(image, None, entry["cls_name"], GOOD, 0)
     if not entry["mask_path"]:
@@ -86,15 +82,8 @@ def _sample(root: Path, path: Path, entry: dict) -> Sample:
             f"{path}: anomalous image {entry['img_path']} has an empty mask_path; segmentation "
             "needs its mask"
         )
-    mask = _existing(root / entry["mask_path"], path, "mask")
-    defect = entry["specie_name"] or "anomaly"
-    return Sample(image, mask, entry["cls_name"], defect, 1)
-
-
-def _existing(file: Path, meta_path: Path, what: str) -> Path:
-    if not file.is_file():
-        raise DatasetError(f"{file}: {what} listed in {meta_path} is missing")
-    return file
+    mask = listed_file(root / entry["mask_path"], path, "mask")
+    return Sample(image, mask, entry["cls_name"], entry["specie_name"] or "anomaly", 1)
 
 
 def write_meta(root: str | PathLike, samples_by_split: dict[str, Dataset]) -> Path:
@@ -113,13 +102,10 @@ def write_meta(root: str | PathLike, samples_by_split: dict[str, Dataset]) -> Pa
 
 
 def _entry(root: Path, sample: Sample) -> dict:
-    return {
-        "img_path": _relative(root, sample.image_path),
-        "mask_path": _relative(root, sample.mask_path) if sample.mask_path else "",
-        "cls_name": sample.class_name,
-        "specie_name": sample.defect_type,
-        "anomaly": int(sample.label),
-    }
+    return {"img_path": _relative(root, sample.image_path),
+            "mask_path": _relative(root, sample.mask_path) if sample.mask_path else "",
+            "cls_name": sample.class_name, "specie_name": sample.defect_type,
+            "anomaly": int(sample.label)}  # fmt: skip
 
 
 def _relative(root: Path, path: Path) -> str:
@@ -138,30 +124,31 @@ def write_meta_for_layout(layout: str, root: str | PathLike) -> Path:
 
     if layout not in LAYOUT_SPLITS:
         raise DatasetError(f"unknown layout {layout!r}; known: {', '.join(LAYOUT_SPLITS)}")
-    splits = {}
-    for split in LAYOUT_SPLITS[layout]:
-        source_split = "all" if layout == "mtd" else split
-        splits[split] = load_dataset(layout, root, split=source_split)
-    return write_meta(root, splits)
+    splits = LAYOUT_SPLITS[layout]
+    loaded = {s: load_dataset(layout, root, split="all" if layout == "mtd" else s) for s in splits}
+    return write_meta(root, loaded)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run(_main, argv, configure_logging=False)
+    return cli.run(_main, argv)
 
 
-def _main(argv: Sequence[str] | None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clipsam_jax.data.meta",
         description="Write DIR/meta.json (APRIL-GAN/AnomalyCLIP format) from a dataset folder.",
     )
     parser.add_argument("--layout", required=True, choices=sorted(LAYOUT_SPLITS))
     parser.add_argument("--root", required=True, help="dataset folder (DIR)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    args = _parser().parse_args(argv)
     path = write_meta_for_layout(args.layout, args.root)
     counts = json.loads(path.read_text())
     for split, by_class in counts.items():
-        total = sum(len(v) for v in by_class.values())
-        print(f"{split}: {len(by_class)} classes, {total} images")
+        print(f"{split}: {len(by_class)} classes, {sum(map(len, by_class.values()))} images")
     print(f"wrote {path}")
 
 

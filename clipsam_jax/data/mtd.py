@@ -1,4 +1,4 @@
-"""Magnetic Tile Defect (MTD) layout (SPEC §6): six `MT_<type>/Imgs` folders, one class.
+"""Magnetic Tile Defect (MTD) layout (docs/method.md §6): six `MT_<type>/Imgs` folders, one class.
 
 Each `Imgs/<stem>.jpg` has a same-stem `.png` mask beside it. The label is the mask's
 non-emptiness, not the folder (some images in defect folders have empty masks), so the masks
@@ -11,15 +11,15 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 
-from tqdm import tqdm
-
 from clipsam_jax.data.image_io import read_mask
 from clipsam_jax.data.types import (
     GOOD,
     Dataset,
     Sample,
     check_not_empty,
+    check_pairs,
     missing_dataset_error,
+    reading_masks,
     select_classes,
     subfolders,
 )
@@ -30,7 +30,6 @@ FOLDERS = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Free", "MT_Unev
 NORMAL_FOLDER = "MT_Free"
 SPLITS = ("all", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
-PROGRESS_MIN = 200  # show a progress bar when reading more masks than this
 SOURCE = "https://github.com/abin24/Magnetic-tile-defect-datasets."
 LAYOUT = """\
 <root>/MT_{Blowhole,Break,Crack,Fray,Free,Uneven}/Imgs/<stem>.jpg
@@ -47,15 +46,13 @@ def load_mtd(
     folders = _type_folders(root)
     select_classes("MTD", [CLASS_NAME], classes, root)
     pairs = [pair for folder in folders for pair in _pairs(folder)]
-    samples = [_sample(image, mask, folder) for folder, image, mask in _with_progress(pairs)]
+    samples = [_sample(*pair) for pair in reading_masks(pairs, "MTD")]
     dataset = {CLASS_NAME: sorted(samples, key=lambda s: str(s.image_path))}
     return check_not_empty(dataset, root, "expected MT_*/Imgs/*.jpg")
 
 
 def _type_folders(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise missing_dataset_error("MTD", root, LAYOUT, SOURCE)
-    folders = [p for p in subfolders(root) if p.name.startswith("MT_")]
+    folders = [p for p in subfolders(root) if p.name.startswith("MT_")] if root.is_dir() else []
     if not folders:
         raise missing_dataset_error("MTD", root, LAYOUT, SOURCE)
     for folder in folders:
@@ -69,20 +66,11 @@ def _pairs(folder: Path) -> list[tuple[Path, Path, Path]]:
     files = [p for p in (folder / "Imgs").iterdir() if p.is_file() and not p.name.startswith(".")]
     images = {p.stem: p for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
     masks = {p.stem: p for p in files if p.suffix.lower() == ".png"}
-    for stem in sorted(set(images) - set(masks)):
-        raise DatasetError(f"{images[stem]}: image without a mask; expected {stem}.png beside it")
-    for stem in sorted(set(masks) - set(images)):
-        raise DatasetError(f"{masks[stem]}: mask without an image; expected {stem}.jpg beside it")
+    check_pairs(images, masks, ".jpg", ".png")
     return [(folder, images[stem], masks[stem]) for stem in sorted(images)]
 
 
-def _with_progress(pairs: list) -> list:
-    if len(pairs) <= PROGRESS_MIN:
-        return pairs
-    return tqdm(pairs, desc="MTD: reading masks for labels", unit="mask", leave=False)
-
-
-def _sample(image: Path, mask: Path, folder: Path) -> Sample:
+def _sample(folder: Path, image: Path, mask: Path) -> Sample:
     if not read_mask(mask).any():
         return Sample(image, None, CLASS_NAME, GOOD, 0)
     if folder.name == NORMAL_FOLDER:

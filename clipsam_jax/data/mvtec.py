@@ -1,4 +1,4 @@
-"""MVTec-AD layout (SPEC §6): class folders with train/good, test/<defect> and ground_truth.
+"""MVTec-AD layout (docs/method.md §6): class folders with train/good, test/<defect> and ground_truth.
 
 Masks are paired with images by file stem (`test/crack/000.png` ↔
 `ground_truth/crack/000_mask.png`), never by sorted position, and every pairing problem is an
@@ -45,21 +45,12 @@ def load_mvtec(
     root = Path(root)
     if split not in SPLITS:
         raise DatasetError(f"MVTec-AD has splits {', '.join(SPLITS)}, not {split!r}")
-    available = _class_names(root)
-    dataset = {}
-    for name in select_classes("MVTec-AD", available, classes, root):
-        folder = root / name
-        dataset[name] = _test_samples(folder) if split == "test" else _train_samples(folder)
+    available = [p.name for p in subfolders(root)] if root.is_dir() else []
+    if not available:
+        raise missing_dataset_error("MVTec-AD", root, LAYOUT, SOURCE)
+    load = _test_samples if split == "test" else _train_samples
+    dataset = {n: load(root / n) for n in select_classes("MVTec-AD", available, classes, root)}
     return check_not_empty(dataset, root, f"expected images under <class>/{split}/")
-
-
-def _class_names(root: Path) -> list[str]:
-    if not root.is_dir():
-        raise missing_dataset_error("MVTec-AD", root, LAYOUT, SOURCE)
-    names = [p.name for p in subfolders(root)]
-    if not names:
-        raise missing_dataset_error("MVTec-AD", root, LAYOUT, SOURCE)
-    return names
 
 
 def _train_samples(folder: Path) -> list[Sample]:
@@ -118,16 +109,13 @@ def _defect_samples(folder: Path, defect_folder: Path) -> list[Sample]:
 
 def _mask_stem(mask: Path) -> str:
     """`000_mask.png` → `000` (the image stem the mask belongs to)."""
-    stem = mask.stem
-    return stem[: -len(MASK_SUFFIX)] if stem.endswith(MASK_SUFFIX) else stem
+    return mask.stem.removesuffix(MASK_SUFFIX)
 
 
 def _check_orphan_mask_folders(folder: Path, defect_names: set[str]) -> None:
     """A ground_truth/<defect> folder whose test/<defect> folder is missing."""
     truth = folder / "ground_truth"
-    if not truth.is_dir():
-        return
-    for mask_folder in subfolders(truth):
+    for mask_folder in subfolders(truth) if truth.is_dir() else []:
         if mask_folder.name not in defect_names and image_files(mask_folder):
             raise DatasetError(
                 f"{mask_folder}: masks without images; expected the folder "

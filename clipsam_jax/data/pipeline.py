@@ -6,14 +6,15 @@ current one. The order is a pure function of (seed, epoch): with shuffle the per
 from `np.random.default_rng([seed, epoch])`, and each position's mosaic draw from its own
 generator keyed by (seed, epoch, position), so `skip_batches=k` (resume) yields exactly the
 batches after the first k. A decoding error in a worker is raised to the consumer, naming the
-file (`ImageReadError`).
+file (`ImageReadError`), or, with `on_error`, reported there and the image left out.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -28,15 +29,14 @@ from clipsam_jax.data.image_io import (
     resize_rgb,
 )
 from clipsam_jax.data.types import Sample
+from clipsam_jax.errors import ImageReadError
 
 _MOSAIC_STREAM = 1  # distinguishes the per-position mosaic generators from the epoch one
 
 
 def decode_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image as uint8 RGB (H, W, 3) and its mask as bool (H, W), None for a normal image.
-
-    The mask must have the image's size (`ImageReadError` naming both sizes otherwise).
-    """
+    """Image as uint8 RGB (H, W, 3) and its mask as bool (H, W) of the same size (else
+    `ImageReadError`), None for a normal image."""
     rgb = read_image(sample.image_path)
     if sample.mask_path is None:
         return rgb, None
@@ -50,20 +50,13 @@ def load_sample(
     "original_size": (H, W)} plus "rgb": uint8 (H, W, 3) with `keep_rgb`. With `normalized`
     False "image" is the resized uint8 (S, S, 3) that `normalize` would turn into the former."""
     rgb, mask = decode_sample(sample)
-    out = {
-        "image": preprocess(rgb, image_size) if normalized else resize_rgb(rgb, image_size),
-        "mask": _resized_mask(mask, image_size),
-        "original_size": rgb.shape[:2],
-    }
-    if keep_rgb:
-        out["rgb"] = rgb
-    return out
+    image = preprocess(rgb, image_size) if normalized else resize_rgb(rgb, image_size)
+    out = {"image": image, "mask": _resized_mask(mask, image_size), "original_size": rgb.shape[:2]}
+    return {**out, "rgb": rgb} if keep_rgb else out
 
 
 def _resized_mask(mask: np.ndarray | None, size: int) -> np.ndarray:
-    if mask is None:
-        return np.zeros((size, size), bool)
-    return resize_mask(mask, size)
+    return np.zeros((size, size), bool) if mask is None else resize_mask(mask, size)
 
 
 def load_mosaic(
@@ -81,21 +74,14 @@ def load_mosaic(
     for k, sample in enumerate(samples[:4]):
         rgb, mask = decode_sample(sample)
         first_size = first_size or rgb.shape[:2]
-        rows, cols = (
-            slice(k // 2 * tile, (k // 2 + 1) * tile),
-            slice(k % 2 * tile, (k % 2 + 1) * tile),
-        )
+        rows = slice(k // 2 * tile, (k // 2 + 1) * tile)
+        cols = slice(k % 2 * tile, (k % 2 + 1) * tile)
         canvas[rows, cols] = resize_rgb(rgb, tile)
         mask_canvas[rows, cols] = _resized_mask(mask, tile)
     canvas = canvas[:image_size, :image_size]
-    out = {
-        "image": normalize(canvas) if normalized else canvas.copy(),
-        "mask": mask_canvas[:image_size, :image_size],
-        "original_size": first_size,
-    }
-    if keep_rgb:
-        out["rgb"] = canvas
-    return out
+    out = {"image": normalize(canvas) if normalized else canvas.copy(),
+           "mask": mask_canvas[:image_size, :image_size], "original_size": first_size}  # fmt: skip
+    return {**out, "rgb": canvas} if keep_rgb else out
 
 
 class BatchLoader:
@@ -118,32 +104,24 @@ class BatchLoader:
     mosaic_prob: probability that an item becomes a 2×2 mosaic of its image and three random
     images of the same class (training only; off by default). seed, epoch: non-negative ints.
     normalized: False hands out uint8 images for models that normalize them on the device
-    (`RoughMapModel`, `make_image_encoder` take both).
+    (`RoughMapModel`, `make_image_encoder` take both). on_error(index, ImageReadError): called
+    for an unreadable sample, which is left out of its batch (a batch left empty is not
+    yielded); None raises the error instead.
     """
 
     def __init__(
-        self,
-        samples: Sequence[Sample],
-        image_size: int,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        drop_last: bool = False,
-        num_workers: int = 4,
-        prefetch: int = 2,
-        skip_batches: int = 0,
-        keep_rgb: bool = False,
-        mosaic_prob: float = 0.0,
-        normalized: bool = True,
-    ) -> None:
+        self, samples: Sequence[Sample], image_size: int, batch_size: int, *,
+        shuffle: bool = False, seed: int = 0, epoch: int = 0, drop_last: bool = False,
+        num_workers: int = 4, prefetch: int = 2, skip_batches: int = 0, keep_rgb: bool = False,
+        mosaic_prob: float = 0.0, normalized: bool = True,
+        on_error: Callable[[int, ImageReadError], None] | None = None,
+    ) -> None:  # fmt: skip
         if image_size < 1 or batch_size < 1 or prefetch < 1:
             raise ValueError("image_size, batch_size and prefetch must be positive")
         if num_workers < 0 or skip_batches < 0 or not 0.0 <= mosaic_prob <= 1.0:
             raise ValueError("num_workers, skip_batches must be >= 0 and mosaic_prob in [0, 1]")
         self.samples = list(samples)
-        self.image_size, self.batch_size = image_size, batch_size
+        self.image_size, self.batch_size, self.on_error = image_size, batch_size, on_error
         self.shuffle, self.seed, self.epoch, self.drop_last = shuffle, seed, epoch, drop_last
         self.num_workers, self.prefetch, self.skip_batches = num_workers, prefetch, skip_batches
         self.keep_rgb, self.mosaic_prob, self.normalized = keep_rgb, mosaic_prob, normalized
@@ -174,11 +152,12 @@ class BatchLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         order = self.order()
         jobs = [(pos, order[pos]) for pos in self.batch_positions()[self.skip_batches :]]
-        if self.num_workers == 0:
-            for pos, idx in jobs:
-                yield self._assemble(idx, [self._load_item(p, i) for p, i in zip(pos, idx)])
+        if self.num_workers > 0:
+            yield from self._threaded(jobs)
             return
-        yield from self._threaded(jobs)
+        for pos, idx in jobs:
+            loads = [partial(self._load_item, p, i) for p, i in zip(pos, idx)]
+            yield from self._assemble(idx, loads)
 
     def _threaded(self, jobs: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[dict[str, Any]]:
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="clipsam-data")
@@ -194,11 +173,10 @@ class BatchLoader:
                 submit(job)
             while pending:
                 idx, futures = pending.popleft()
-                items = [f.result() for f in futures]  # re-raises a worker's error here
                 job = next(remaining, None)
                 if job is not None:
                     submit(job)  # before yielding: keeps `prefetch` batches decoding meanwhile
-                yield self._assemble(idx, items)
+                yield from self._assemble(idx, [f.result for f in futures])
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -210,28 +188,38 @@ class BatchLoader:
                 partners = _partners(rng, self._by_class[sample.class_name], index)
                 item = load_mosaic([sample] + [self.samples[j] for j in partners],
                                    self.image_size, self.keep_rgb, self.normalized)  # fmt: skip
-                item["mosaic"] = True
-                return item
+                return {**item, "mosaic": True}
         item = load_sample(sample, self.image_size, self.keep_rgb, self.normalized)
-        item["mosaic"] = False
-        return item
+        return {**item, "mosaic": False}
 
-    def _assemble(self, indices: np.ndarray, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def _assemble(self, indices: np.ndarray, loads: list[Callable[[], dict]]) -> Iterator[dict]:
+        """The batch of the items `loads` return (a worker's error re-raised here, or passed to
+        `on_error`); nothing when none is left."""
+        kept, items = [], []
+        for index, load in zip(indices, loads):
+            try:
+                items.append(load())
+                kept.append(index)
+            except ImageReadError as error:
+                if self.on_error is None:
+                    raise
+                self.on_error(int(index), error)
+        if items:
+            yield self._batch(np.asarray(kept, np.int64), items)
+
+    def _batch(self, indices: np.ndarray, items: list[dict[str, Any]]) -> dict[str, Any]:
         samples = [self.samples[i] for i in indices]
         masks = np.stack([item["mask"] for item in items])
         mosaic = np.array([item["mosaic"] for item in items], bool)
         labels = np.array([s.label for s in samples], np.int64)
         labels[mosaic] = masks[mosaic].any(axis=(1, 2))
         batch = {
-            "images": np.stack([item["image"] for item in items]),
-            "masks": masks,
-            "indices": np.asarray(indices, np.int64),
-            "labels": labels,
+            "images": np.stack([item["image"] for item in items]), "masks": masks,
+            "indices": np.asarray(indices, np.int64), "labels": labels,
             "original_sizes": np.array([item["original_size"] for item in items], np.int64),
             "class_names": [s.class_name for s in samples],
-            "paths": [str(s.image_path) for s in samples],
-            "mosaic": mosaic,
-        }
+            "paths": [str(s.image_path) for s in samples], "mosaic": mosaic,
+        }  # fmt: skip
         if self.keep_rgb:
             batch["rgb"] = [item["rgb"] for item in items]
         return batch

@@ -1,4 +1,4 @@
-"""Dataset names → loaders, with the protocol's split for each (SPEC §3, §5).
+"""Dataset names → loaders, with the protocol's split for each (docs/method.md §3, §5).
 
 The default split is the one the protocol evaluates on, which is also the one the cross-dataset
 training uses (it has masks): MVTec-AD and VisA test, MTD all images, KSDD2 test, meta.json

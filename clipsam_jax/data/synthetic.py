@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import shutil
 import sys
@@ -43,6 +44,7 @@ MARKER = ".synthetic.json"  # written into each root; a root holding it may be r
 AREA_RANGE = (0.01, 0.10)  # defect area as a fraction of the image (all regions together)
 MIN_CONTRAST = 20.0  # mean |gray change| over a region, so every defect is visible
 STAIN_COLORS = ((175, 60, 30), (50, 60, 170), (235, 205, 70), (40, 140, 150), (200, 90, 170))
+BOARD_PADS = ((0.2, 0.15, 0.35, 0.45), (0.55, 0.6, 0.8, 0.85), (0.6, 0.15, 0.7, 0.4))  # y0 x0 y1 x1
 Array = np.ndarray
 
 
@@ -81,27 +83,17 @@ MVTEC_CLASSES = (
 )
 VISA_CLASSES = (
     ClassSpec("candle", "discs", (238, 233, 225), ("stain", "hole", "missing"), size=(0.75, 1.0)),
-    ClassSpec(
-        "cashew",
-        "ellipse",
-        (205, 165, 105),
-        ("scratch", "crack", "stain", "missing"),
-        size=(0.7, 1.0),
-    ),
+    ClassSpec("cashew", "ellipse", (205, 165, 105), ("scratch", "crack", "stain", "missing"),
+              size=(0.7, 1.0)),
     ClassSpec("pcb1", "board", (35, 115, 60), ("scratch", "hole", "stain"), size=(0.8, 1.1)),
-)
+)  # fmt: skip
 MTD_FOLDERS = {  # folder → defect kind (None: defect-free)
-    "MT_Blowhole": "hole",
-    "MT_Break": "missing",
-    "MT_Crack": "crack",
-    "MT_Fray": "scratch",
-    "MT_Free": None,
-    "MT_Uneven": "stain",
-}
+    "MT_Blowhole": "hole", "MT_Break": "missing", "MT_Crack": "crack", "MT_Fray": "scratch",
+    "MT_Free": None, "MT_Uneven": "stain",
+}  # fmt: skip
 MTD_EMPTY_MASK_FOLDERS = ("MT_Fray", "MT_Uneven")  # their last image: no defect, empty mask
 MTD_SPEC = ClassSpec("magnetic_tile", "tile", (115, 115, 115), tuple(DEFECTS), grayscale=True)
 KSDD2_SPEC = ClassSpec("ksdd2", "brushed", (128, 130, 118), ("scratch", "hole", "stain", "crack"))
-SPECS = {s.name: s for s in (*MVTEC_CLASSES, *VISA_CLASSES, MTD_SPEC, KSDD2_SPEC)}
 DEFAULT_SIZES = {"mvtec": 160, "visa": 160, "mtd": 128, "ksdd2": 176}  # side / width / – / height
 
 
@@ -164,8 +156,7 @@ def _scene_brushed(rng, h, w, spec):
 
 def _object(rng, h, w, spec, mask: Array, background: Array, shade: Array):
     """Paint a colored object (bool mask) with a shading (float (h, w)) over a background."""
-    base = _jitter(rng, spec.color)
-    obj = base + (shade + 3.0 * _smooth(rng, h, w, 4))[..., None]
+    obj = _jitter(rng, spec.color) + (shade + 3.0 * _smooth(rng, h, w, 4))[..., None]
     image = np.where(mask[..., None], obj, background)
     return image.astype(np.float32), mask, background
 
@@ -213,8 +204,7 @@ def _scene_ellipse(rng, h, w, spec):
 
 def _scene_discs(rng, h, w, spec):
     y, x = _coords(h, w)
-    mask = np.zeros((h, w), bool)
-    shade = np.zeros((h, w), np.float32)
+    mask, shade = np.zeros((h, w), bool), np.zeros((h, w), np.float32)
     r = 0.2 * min(h, w)
     for fy in (0.28, 0.72):
         for fx in (0.28, 0.72):
@@ -230,27 +220,17 @@ def _scene_board(rng, h, w, spec):
     margin = 0.06 * min(h, w) + rng.uniform(-1, 1)
     mask = (y > margin) & (y < h - margin) & (x > margin) & (x < w - margin)
     pads = np.zeros((h, w), np.float32)
-    for fy0, fx0, fy1, fx1 in (
-        (0.2, 0.15, 0.35, 0.45),
-        (0.55, 0.6, 0.8, 0.85),
-        (0.6, 0.15, 0.7, 0.4),
-    ):
+    for fy0, fx0, fy1, fx1 in BOARD_PADS:
         box = (y > fy0 * h) & (y < fy1 * h) & (x > fx0 * w) & (x < fx1 * w)
         pads = np.where(box, 130.0, pads)  # silver pads: the green base plus 130 gray
     return _object(rng, h, w, spec, mask, _background(rng, h, w, (22, 22, 22)), pads)
 
 
 SCENES: dict[str, Callable] = {
-    "weave": _scene_weave,
-    "grid": _scene_grid,
-    "tile": _scene_tile,
-    "brushed": _scene_brushed,
-    "disc": _scene_disc,
-    "bar": _scene_bar,
-    "ellipse": _scene_ellipse,
-    "discs": _scene_discs,
-    "board": _scene_board,
-}
+    f.__name__.removeprefix("_scene_"): f
+    for f in (_scene_weave, _scene_grid, _scene_tile, _scene_brushed, _scene_disc, _scene_bar,
+              _scene_ellipse, _scene_discs, _scene_board)
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- defects
@@ -263,21 +243,18 @@ def _pick(rng: np.random.Generator, mask: Array) -> tuple[int, int]:
     return int(ys[k]), int(xs[k])
 
 
-def _canvas(h: int, w: int) -> Array:
-    return np.zeros((h, w), np.uint8)
+# Each draws its region with value 1 on `canvas` (uint8 (H, W) zeros) and returns it.
 
 
-def _region_scratch(rng, inner, obj, m):
+def _region_scratch(rng, inner, obj, m, canvas):
     y, x = _pick(rng, inner)
     angle, length = rng.uniform(0, np.pi), rng.uniform(0.3, 0.55) * m
     dy, dx = np.sin(angle) * length / 2, np.cos(angle) * length / 2
-    canvas = _canvas(*obj.shape)
     points = (round(x - dx), round(y - dy)), (round(x + dx), round(y + dy))
-    cv2.line(canvas, points[0], points[1], 1, max(3, round(0.03 * m)))
-    return canvas.astype(bool)
+    return cv2.line(canvas, points[0], points[1], 1, max(3, round(0.03 * m)))
 
 
-def _region_crack(rng, inner, obj, m):
+def _region_crack(rng, inner, obj, m, canvas):
     y, x = _pick(rng, inner)
     angle, step = rng.uniform(0, 2 * np.pi), 0.04 * m
     points = [(x, y)]
@@ -285,51 +262,38 @@ def _region_crack(rng, inner, obj, m):
         angle += rng.uniform(-0.7, 0.7)
         x, y = x + step * np.cos(angle), y + step * np.sin(angle)
         points.append((x, y))
-    canvas = _canvas(*obj.shape)
-    cv2.polylines(canvas, [np.round(points).astype(np.int32)], False, 1, max(2, round(0.02 * m)))
-    return canvas.astype(bool)
+    thickness = max(2, round(0.02 * m))
+    return cv2.polylines(canvas, [np.round(points).astype(np.int32)], False, 1, thickness)
 
 
-def _region_hole(rng, inner, obj, m):
+def _region_hole(rng, inner, obj, m, canvas):
     y, x = _pick(rng, inner)
-    canvas = _canvas(*obj.shape)
-    cv2.circle(canvas, (x, y), max(3, round(rng.uniform(0.05, 0.09) * m)), 1, -1)
-    return canvas.astype(bool)
+    return cv2.circle(canvas, (x, y), max(3, round(rng.uniform(0.05, 0.09) * m)), 1, -1)
 
 
-def _region_stain(rng, inner, obj, m):
+def _region_stain(rng, inner, obj, m, canvas):
     y, x = _pick(rng, inner)
-    canvas = _canvas(*obj.shape)
     for _ in range(rng.integers(2, 5)):
         center = (round(x + rng.uniform(-0.05, 0.05) * m), round(y + rng.uniform(-0.05, 0.05) * m))
-        axes = (
-            max(2, round(rng.uniform(0.04, 0.09) * m)),
-            max(2, round(rng.uniform(0.03, 0.07) * m)),
-        )
+        a, b = rng.uniform(0.04, 0.09) * m, rng.uniform(0.03, 0.07) * m
+        axes = (max(2, round(a)), max(2, round(b)))
         cv2.ellipse(canvas, center, axes, rng.uniform(0, 180), 0, 360, 1, -1)
-    return canvas.astype(bool)
+    return canvas
 
 
-def _region_missing(rng, inner, obj, m):
+def _region_missing(rng, inner, obj, m, canvas):
     """A bite out of the object's edge (or of the image border, for a texture)."""
-    h, w = obj.shape
     edge = obj & ~cv2.erode(obj.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     if obj.all():  # texture: the edge is the image border
-        edge = np.zeros_like(obj)
-        edge[[0, -1], :] = True
-        edge[:, [0, -1]] = True
+        edge = np.ones_like(obj)
+        edge[1:-1, 1:-1] = False
     y, x = _pick(rng, edge)
-    canvas = _canvas(h, w)
-    cv2.circle(canvas, (x, y), max(3, round(rng.uniform(0.1, 0.16) * m)), 1, -1)
-    return canvas.astype(bool)
+    return cv2.circle(canvas, (x, y), max(3, round(rng.uniform(0.1, 0.16) * m)), 1, -1)
 
 
 REGIONS = {
-    "scratch": _region_scratch,
-    "crack": _region_crack,
-    "hole": _region_hole,
-    "stain": _region_stain,
-    "missing": _region_missing,
+    f.__name__.removeprefix("_region_"): f
+    for f in (_region_scratch, _region_crack, _region_hole, _region_stain, _region_missing)
 }
 
 
@@ -346,7 +310,8 @@ def _paint(rng, kind: str, image: Array, region: Array, background: Array) -> No
     elif kind == "stain":
         local = float(_luma(image[region]).mean())
         far = [c for c in STAIN_COLORS if abs(float(_luma(np.float32(c))) - local) > 50]
-        color = np.float32((far or STAIN_COLORS)[rng.integers(len(far or STAIN_COLORS))])
+        far = far or STAIN_COLORS
+        color = np.float32(far[rng.integers(len(far))])
         image[region] = 0.3 * image[region] + 0.7 * color
     else:  # missing: the background shows through
         image[region] = background[region]
@@ -363,12 +328,12 @@ def _defect_regions(rng, kinds: Sequence[str], obj: Array) -> list[Array]:
     inner = inner if inner.any() else obj
     regions: list[Array] = []
     for _ in range(40):  # redraw until the sizes fit; the last draw is kept otherwise
-        regions = [REGIONS[k](rng, inner, obj, m) & obj for k in kinds]
+        drawn = [REGIONS[k](rng, inner, obj, m, np.zeros((h, w), np.uint8)) for k in kinds]
+        regions = [d.astype(bool) & obj for d in drawn]
         area = sum(r.sum() for r in regions) / (h * w)
         apart = all(
             not (cv2.dilate(a.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & b).any()
-            for i, a in enumerate(regions)
-            for b in regions[i + 1 :]
+            for a, b in itertools.combinations(regions, 2)
         )
         if AREA_RANGE[0] <= area <= AREA_RANGE[1] and apart and all(r.any() for r in regions):
             break
@@ -377,9 +342,7 @@ def _defect_regions(rng, kinds: Sequence[str], obj: Array) -> list[Array]:
 
 def _to_uint8(image: Array, grayscale: bool) -> Array:
     rgb = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    if not grayscale:
-        return rgb
-    return np.clip(np.rint(_luma(rgb.astype(np.float32))), 0, 255).astype(np.uint8)
+    return _to_uint8(_luma(rgb.astype(np.float32)), False) if grayscale else rgb
 
 
 def render(
@@ -395,12 +358,8 @@ def render(
         if before is not None and np.abs(_luma(image[region]) - before).mean() < MIN_CONTRAST:
             image[region] += np.float32(-60.0 if before.mean() > 100 else 60.0)  # stay visible
         mask[region] = k
-    return Rendered(
-        image=_to_uint8(image, spec.grayscale),
-        clean=_to_uint8(clean, spec.grayscale),
-        mask=mask,
-        defects=tuple(defects),
-    )
+    gray = spec.grayscale
+    return Rendered(_to_uint8(image, gray), _to_uint8(clean, gray), mask, tuple(defects))
 
 
 # --------------------------------------------------------------------------- writing
@@ -416,10 +375,7 @@ def _save(path: Path, array: Array, quality: int | None = None) -> None:
     """Write an image; PNG losslessly, `.jpg`/`.JPG` with JPEG `quality`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(array)  # uint8 (H, W) → mode L, (H, W, 3) → RGB
-    if quality is None:
-        image.save(path, format="PNG")
-    else:
-        image.save(path, format="JPEG", quality=quality)
+    image.save(path, format="PNG" if quality is None else "JPEG", quality=quality)
 
 
 def _binary(mask: Array) -> Array:
@@ -438,8 +394,7 @@ def _select(specs: Sequence[ClassSpec], classes: Sequence[str] | None) -> list[C
     if classes is None:
         return list(specs)
     known = {s.name: s for s in specs}
-    unknown = [c for c in classes if c not in known]
-    if unknown:
+    if unknown := [c for c in classes if c not in known]:
         raise DatasetError(f"no synthetic class {', '.join(unknown)}; known: {', '.join(known)}")
     return [known[c] for c in classes]
 
@@ -448,12 +403,10 @@ def _write_mvtec(root: Path, seed: int, n: int, size: int, classes) -> None:
     for spec in _select(MVTEC_CLASSES, classes):
         h, w = _class_size(spec, size)
         folder = root / spec.name
-        for i in range(n):
-            rendered = render(spec, h, w, _rng(seed, "mvtec", spec.name, "train", i))
-            _save(folder / "train" / "good" / f"{i:03d}.png", rendered.image)
-            if spec.test_good:
-                rendered = render(spec, h, w, _rng(seed, "mvtec", spec.name, "good", i))
-                _save(folder / "test" / "good" / f"{i:03d}.png", rendered.image)
+        for split, key in (("train", "train"), ("test", "good"))[: 1 + spec.test_good]:
+            for i in range(n):
+                rendered = render(spec, h, w, _rng(seed, "mvtec", spec.name, key, i))
+                _save(folder / split / "good" / f"{i:03d}.png", rendered.image)
         for i in range(n):
             kind = spec.defects[i % len(spec.defects)]
             rng = _rng(seed, "mvtec", spec.name, "defect", i)
@@ -464,7 +417,7 @@ def _write_mvtec(root: Path, seed: int, n: int, size: int, classes) -> None:
 
 
 def _write_visa(root: Path, seed: int, n: int, size: int, classes) -> None:
-    rows = []
+    rows = [["object", "split", "label", "image", "mask"]]
     for spec in _select(VISA_CLASSES, classes):
         h, w = _class_size(spec, size)
         data = Path(spec.name) / "Data"
@@ -484,9 +437,7 @@ def _write_visa(root: Path, seed: int, n: int, size: int, classes) -> None:
             rows.append([spec.name, "test", "anomaly", image.as_posix(), mask.as_posix()])
     (root / "split_csv").mkdir(parents=True, exist_ok=True)
     with (root / "split_csv" / "1cls.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["object", "split", "label", "image", "mask"])
-        writer.writerows(rows)
+        csv.writer(handle, lineterminator="\n").writerows(rows)
 
 
 def _write_mtd(root: Path, seed: int, n: int, size: int, classes) -> None:
@@ -533,15 +484,9 @@ def _prepare_root(root: Path) -> None:
 
 
 def generate(
-    layout: str,
-    out_dir: str | PathLike,
-    *,
-    seed: int = 0,
-    classes: Sequence[str] | None = None,
-    images_per_class: int = 6,
-    image_size: int | None = None,
-    write_meta_json: bool = True,
-) -> Path:
+    layout: str, out_dir: str | PathLike, *, seed: int = 0, classes: Sequence[str] | None = None,
+    images_per_class: int = 6, image_size: int | None = None, write_meta_json: bool = True,
+) -> Path:  # fmt: skip
     """Write a synthetic dataset in `layout` (or all four into `out_dir/<layout>`).
 
     images_per_class: MVTec: train/good, test/good and test defect images per class (each);
@@ -576,7 +521,7 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run(_main, argv, configure_logging=False)
+    return cli.run(_main, argv)
 
 
 def _main(argv: Sequence[str] | None) -> None:
@@ -591,13 +536,8 @@ def _main(argv: Sequence[str] | None) -> None:
     parser.add_argument("--size", type=int, default=None, help="image size (see generate())")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    root = generate(
-        args.layout,
-        args.out,
-        seed=args.seed,
-        images_per_class=args.images_per_class,
-        image_size=args.size,
-    )
+    root = generate(args.layout, args.out, seed=args.seed,
+                    images_per_class=args.images_per_class, image_size=args.size)  # fmt: skip
     files = sum(1 for p in root.rglob("*") if p.is_file())
     print(f"wrote {files} files under {root} in {time.perf_counter() - start:.1f} s")
 

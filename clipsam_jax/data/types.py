@@ -1,6 +1,6 @@
 """The dataset record shared by every loader, and the checks and messages loaders share.
 
-A loader turns an on-disk layout (SPEC §6) into `dict[class name, list[Sample]]`: classes
+A loader turns an on-disk layout (docs/method.md §6) into `dict[class name, list[Sample]]`: classes
 sorted, samples sorted by image path, so two runs over the same tree agree sample for sample.
 Every loader keeps one convention: `label == 1` ⇔ `mask_path is not None` ⇔
 `defect_type != "good"` (datasets that ship empty masks for normal images, MTD and KSDD2, get
@@ -13,10 +13,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from clipsam_jax.data.image_io import IMAGE_SUFFIXES
 from clipsam_jax.errors import DatasetError
 
 GOOD = "good"  # defect_type of normal images (MVTec-AD's folder name)
+PROGRESS_MIN = 200  # show a progress bar when reading more masks than this
 
 DATA_ROOT_HINT = (
     "Pass the dataset folder with --data-root DIR (default data/<dataset>), or generate a small "
@@ -54,13 +57,8 @@ def missing_dataset_error(name: str, root: Path, layout: str, source: str) -> Da
 
 def image_files(folder: Path) -> list[Path]:
     """The image files directly inside `folder`, sorted by name (hidden files ignored)."""
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file()
-        and not path.name.startswith(".")
-        and path.suffix.lower() in IMAGE_SUFFIXES
-    )
+    files = (p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def subfolders(folder: Path) -> list[Path]:
@@ -80,13 +78,38 @@ def select_classes(
     if isinstance(classes, str):
         classes = [c for c in classes.split(",") if c]
     wanted = list(dict.fromkeys(classes))
-    unknown = [c for c in wanted if c not in available]
-    if unknown:
+    if unknown := [c for c in wanted if c not in available]:
         raise DatasetError(
             f"{dataset} at {root} has no class {', '.join(map(repr, unknown))}; "
             f"available classes: {', '.join(sorted(available))}"
         )
     return sorted(wanted)
+
+
+def listed_file(path: Path, listing: Path, what: str, hint: str = "") -> Path:
+    """`path`, or the error for a file that the index `listing` names but that is missing."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: {what} listed in {listing} is missing{hint}")
+    return path
+
+
+def check_pairs(images: dict, masks: dict, image_suffix: str, mask_suffix: str) -> None:
+    """Raise for an image without a mask or a mask without an image ({stem: path} each)."""
+    for stem in sorted(set(images) - set(masks)):
+        raise DatasetError(
+            f"{images[stem]}: image without a mask; expected {stem}{mask_suffix} beside it"
+        )
+    for stem in sorted(set(masks) - set(images)):
+        raise DatasetError(
+            f"{masks[stem]}: mask without an image; expected {stem}{image_suffix} beside it"
+        )
+
+
+def reading_masks(items: list, dataset: str) -> Iterable:
+    """`items`, behind a progress bar when more than PROGRESS_MIN masks are read for labels."""
+    if len(items) <= PROGRESS_MIN:
+        return items
+    return tqdm(items, desc=f"{dataset}: reading masks for labels", unit="mask", leave=False)
 
 
 def check_not_empty(dataset: Dataset, root: Path, what: str) -> Dataset:
@@ -99,8 +122,7 @@ def check_not_empty(dataset: Dataset, root: Path, what: str) -> Dataset:
 
 def summarize(dataset: Dataset) -> str:
     """One line per class: `name: N images (A anomalous)`."""
-    lines = []
-    for name, samples in dataset.items():
-        anomalous = sum(s.label for s in samples)
-        lines.append(f"{name}: {len(samples)} images ({anomalous} anomalous)")
-    return "\n".join(lines)
+    return "\n".join(
+        f"{name}: {len(samples)} images ({sum(s.label for s in samples)} anomalous)"
+        for name, samples in dataset.items()
+    )

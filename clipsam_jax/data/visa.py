@@ -1,9 +1,9 @@
-"""VisA layout (SPEC §6): images and masks listed by the 1-class split file `split_csv/1cls.csv`.
+"""VisA layout (docs/method.md §6): images and masks listed by the 1-class split file `split_csv/1cls.csv`.
 
 The csv (`object,split,label,image,mask`) names every image relative to the root, with
 `label` `normal` or `anomaly` and an empty mask for normal rows. VisA has no defect types:
 anomalous samples get `defect_type="anomaly"`. Its masks hold region ids 1..N, binarized
-`> 0` by `image_io.read_mask` (SPEC §5).
+`> 0` by `image_io.read_mask` (docs/method.md §5).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from clipsam_jax.data.types import (
     Dataset,
     Sample,
     check_not_empty,
+    listed_file,
     missing_dataset_error,
     select_classes,
 )
@@ -38,6 +39,7 @@ LAYOUT = """\
 <root>/<class>/Data/Masks/Anomaly/*.png
 (12 classes: candle, capsules, cashew, chewinggum, fryum, macaroni1, macaroni2, pcb1, pcb2,
 pcb3, pcb4, pipe_fryum)"""
+MISSING_HINT = f"; expected the VisA layout:\n{LAYOUT}"
 
 
 def load_visa(
@@ -73,8 +75,7 @@ def read_split_csv(root: Path) -> list[dict[str, str]]:
         raise missing_dataset_error("VisA", root, LAYOUT, SOURCE)
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
+        if missing := [c for c in COLUMNS if c not in (reader.fieldnames or [])]:
             raise DatasetError(
                 f"{path}: missing column(s) {', '.join(missing)}; expected the header "
                 f"{','.join(COLUMNS)}"
@@ -90,7 +91,7 @@ def _sample(root: Path, row: dict[str, str]) -> Sample:
             f"{root / SPLIT_CSV}: row for {row['image']} has label {label!r}; expected "
             f"{NORMAL!r} or {ANOMALY!r}"
         )
-    image = _existing(root, row["image"], "image")
+    image = listed_file(root / row["image"], root / SPLIT_CSV, "image", MISSING_HINT)
     if label == NORMAL:
         return Sample(image, None, row["object"], GOOD, 0)
     if not row["mask"]:
@@ -98,14 +99,5 @@ def _sample(root: Path, row: dict[str, str]) -> Sample:
             f"{root / SPLIT_CSV}: anomalous image {image} has no mask in the csv; expected a "
             "path like <class>/Data/Masks/Anomaly/<stem>.png"
         )
-    return Sample(image, _existing(root, row["mask"], "mask"), row["object"], ANOMALY, 1)
-
-
-def _existing(root: Path, relative: str, what: str) -> Path:
-    path = root / relative
-    if not path.is_file():
-        raise DatasetError(
-            f"{path}: {what} listed in {root / SPLIT_CSV} is missing; expected the VisA "
-            f"layout:\n{LAYOUT}"
-        )
-    return path
+    mask = listed_file(root / row["mask"], root / SPLIT_CSV, "mask", MISSING_HINT)
+    return Sample(image, mask, row["object"], ANOMALY, 1)

@@ -1,4 +1,4 @@
-"""Exact, memory-bounded anomaly-segmentation metrics (SPEC §5).
+"""Exact, memory-bounded anomaly-segmentation metrics (docs/method.md §5).
 
     compute_metrics(maps, masks, pro_mode="mvtec") -> Metrics (a dict[str, float])
 
@@ -38,21 +38,9 @@ from clipsam_jax.metrics.pixel import pixel_metrics, pixel_metrics_checked
 from clipsam_jax.metrics.report import format_table, mean_over_classes
 from clipsam_jax.metrics.streaming import StreamingPixelMetrics
 
-__all__ = [
-    "IMAGE_KEYS",
-    "METRIC_KEYS",
-    "PIXEL_KEYS",
-    "PRO_MODES",
-    "Metrics",
-    "MetricsInputError",
-    "StreamingPixelMetrics",
-    "binary_metrics",
-    "compute_metrics",
-    "format_table",
-    "image_metrics",
-    "mean_over_classes",
-    "pixel_metrics",
-]
+__all__ = ["IMAGE_KEYS", "METRIC_KEYS", "PIXEL_KEYS", "PRO_MODES", "Metrics", "MetricsInputError",
+           "StreamingPixelMetrics", "binary_metrics", "compute_metrics", "format_table",
+           "image_metrics", "mean_over_classes", "pixel_metrics"]  # fmt: skip
 
 
 def compute_metrics(maps, masks, pro_mode: str = "mvtec") -> Metrics:

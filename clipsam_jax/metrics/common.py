@@ -6,13 +6,10 @@ Validation is cheap on purpose: NaN and ±inf are found through `maps.min()` / `
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 from clipsam_jax.errors import ClipSamError
 
-ProMode = Literal["mvtec", "cflow"]
 PRO_MODES: tuple[str, ...] = ("mvtec", "cflow")
 PIXEL_KEYS: tuple[str, ...] = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pro")
 IMAGE_KEYS: tuple[str, ...] = ("image_auroc", "image_ap", "image_f1_max")
@@ -65,8 +62,7 @@ def check_maps_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:
       MetricsInputError (a ValueError): wrong rank or shape, non-numeric maps, NaN or ±inf in
         maps, masks with values other than 0/1.
     """
-    maps = np.asarray(maps)
-    masks = np.asarray(masks)
+    maps, masks = np.asarray(maps), np.asarray(masks)
     if maps.ndim != 3:
         raise MetricsInputError(f"maps must be (N, H, W), got shape {maps.shape}")
     if masks.shape != maps.shape:
@@ -82,8 +78,7 @@ def check_maps_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:
 
 def check_scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     """Validate 1-D scores (n,) and binary labels (n,) for `binary_metrics`."""
-    scores = np.asarray(scores)
-    labels = np.asarray(labels)
+    scores, labels = np.asarray(scores), np.asarray(labels)
     if scores.ndim != 1 or labels.shape != scores.shape:
         raise MetricsInputError(
             f"scores and labels must be 1-D of equal length, got scores {scores.shape} "
@@ -97,9 +92,7 @@ def check_scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 def check_finite_scores(scores: np.ndarray, name: str) -> None:
     """Reject non-real dtypes, NaN and ±inf without a full-size temporary."""
-    if scores.dtype == np.bool_ or not (
-        np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)
-    ):
+    if scores.dtype.kind not in "fiu":  # float, signed or unsigned integer (not bool)
         raise MetricsInputError(f"{name} must be a real float array, got dtype {scores.dtype}")
     lo, hi = scores.min(), scores.max()
     if np.isnan(lo) or np.isnan(hi):
@@ -112,7 +105,7 @@ def as_bool_mask(mask: np.ndarray, name: str) -> np.ndarray:
     """Return `mask` as bool; a numeric mask must hold only 0 and 1 (no silent thresholding)."""
     if mask.dtype == np.bool_:
         return mask
-    if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
+    if mask.dtype.kind not in "fiu":
         raise MetricsInputError(f"{name} must be bool, got dtype {mask.dtype}")
     bad = (mask != 0) & (mask != 1)
     if bad.any():

@@ -148,14 +148,9 @@ def positive_curve(scores: SortedScores, group_weights: np.ndarray | None = None
     distinct_asc = codes_desc[ends][::-1]  # ascending queries keep the binary search local
     fp_asc = scores.neg_at_or_above(distinct_asc)
     fp_above_asc = _neg_above(scores.neg, distinct_asc, fp_asc)
-    return PositiveCurve(
-        tp=ends + 1,
-        fp=fp_asc[::-1],
-        fp_above=fp_above_asc[::-1],
-        weight=scores.pos_weight_desc(group_weights)[ends],
-        n_pos=scores.n_pos,
-        n_neg=scores.n_neg,
-    )
+    return PositiveCurve(tp=ends + 1, fp=fp_asc[::-1], fp_above=fp_above_asc[::-1],
+                         weight=scores.pos_weight_desc(group_weights)[ends],
+                         n_pos=scores.n_pos, n_neg=scores.n_neg)  # fmt: skip
 
 
 def _neg_above(neg: np.ndarray, codes: np.ndarray, at_or_above: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipsam_jax.metrics.common import check_maps_masks
+from clipsam_jax.metrics.common import IMAGE_KEYS, check_maps_masks
 from clipsam_jax.metrics.curves import positive_curve, roc_pr_metrics, sort_scores
 
 
@@ -30,5 +30,4 @@ def image_metrics(maps, masks) -> dict[str, float]:
 def image_metrics_checked(maps: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     """`image_metrics` of inputs already validated by `check_maps_masks` (masks bool)."""
     scores, labels = image_scores_labels(maps, masks)
-    auroc, ap, f1 = roc_pr_metrics(positive_curve(sort_scores(scores, labels)))
-    return {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1}
+    return dict(zip(IMAGE_KEYS, roc_pr_metrics(positive_curve(sort_scores(scores, labels)))))

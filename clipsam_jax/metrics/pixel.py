@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipsam_jax.metrics.common import check_maps_masks, check_pro_mode
+from clipsam_jax.metrics.common import PIXEL_KEYS, check_maps_masks, check_pro_mode
 from clipsam_jax.metrics.curves import (
     SortedScores,
     float32_order_key,
@@ -47,13 +47,11 @@ def sort_pixel_scores(maps: np.ndarray, masks: np.ndarray) -> tuple[SortedScores
     for i in range(maps.shape[0]):
         codes = float32_order_key(maps[i])
         box = _mask_box(masks[i])
-        if box is None:  # a normal image: every pixel is negative
-            neg[n_neg_done : n_neg_done + codes.size] = codes.ravel()
-            n_neg_done += codes.size
-            continue
-        normal = codes[~masks[i]]
+        normal = codes.ravel() if box is None else codes[~masks[i]]  # box None: a normal image
         neg[n_neg_done : n_neg_done + normal.size] = normal
         n_neg_done += normal.size
+        if box is None:
+            continue
         # labelling the mask's bounding box only: defects are small
         labels, k = label_regions(masks[i][box])
         inside = labels > 0
@@ -99,9 +97,8 @@ def pixel_metrics_checked(maps: np.ndarray, masks: np.ndarray, pro_mode: str) ->
     scores, region_sizes = sort_pixel_scores(maps, masks)
     weights = region_weights(region_sizes)
     curve = positive_curve(scores, weights)
-    auroc, ap, f1 = roc_pr_metrics(curve)
     if pro_mode == "mvtec":
         pro = mvtec_pro(curve)
     else:
         pro = cflow_pro(scores, weights, cflow_thresholds(maps.min(), maps.max()))
-    return {"pixel_auroc": auroc, "pixel_ap": ap, "pixel_f1_max": f1, "pro": pro}
+    return dict(zip(PIXEL_KEYS, (*roc_pr_metrics(curve), pro)))

@@ -49,8 +49,7 @@ def region_weights(region_sizes: np.ndarray) -> np.ndarray:
     """Per-group weights (R + 1,): 0 for group 0 (normal), 1 / (size · R) for region r ≥ 1."""
     sizes = np.asarray(region_sizes, dtype=np.float64)
     weights = np.zeros(sizes.size + 1)
-    if sizes.size:
-        weights[1:] = 1.0 / (sizes * sizes.size)
+    weights[1:] = 1.0 / (sizes * sizes.size)
     return weights
 
 
@@ -69,10 +68,7 @@ def mvtec_pro(curve: PositiveCurve, max_fpr: float = MAX_FPR) -> float:
     """
     if curve.n_neg == 0 or curve.n_pos == 0:
         return float("nan")
-    k = curve.tp.size
-    x = np.empty(2 * k + 2)
-    y = np.empty(2 * k + 2)
-    x[0], y[0] = 0.0, 0.0
+    x, y = np.zeros(2 * curve.tp.size + 2), np.zeros(2 * curve.tp.size + 2)  # from (0, 0)
     x[1:-1:2] = curve.fp_above / curve.n_neg
     y[1:-1:2] = np.concatenate(([0.0], curve.weight[:-1]))
     x[2:-1:2] = curve.fp / curve.n_neg

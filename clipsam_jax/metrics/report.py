@@ -12,15 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from clipsam_jax.metrics.common import METRIC_KEYS
 
 DEFAULT_COLUMNS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "pro")
-COLUMN_TITLES = {
-    "pixel_auroc": "AUROC",
-    "pixel_f1_max": "F1-max",
-    "pixel_ap": "AP",
-    "pro": "PRO",
-    "image_auroc": "I-AUROC",
-    "image_f1_max": "I-F1-max",
-    "image_ap": "I-AP",
-}
+COLUMN_TITLES = {"pixel_auroc": "AUROC", "pixel_f1_max": "F1-max", "pixel_ap": "AP", "pro": "PRO",
+                 "image_auroc": "I-AUROC", "image_f1_max": "I-F1-max", "image_ap": "I-AP"}  # fmt: skip
 PerClass = Mapping[str, Mapping[str, float]]
 
 
@@ -73,11 +66,10 @@ def format_table(
 
     headers = [f"{COLUMN_TITLES.get(c, c)} ({name})" for name, _ in blocks for c in columns]
     csv_headers = [f"{c}_{name}" for name, _ in blocks for c in columns]
-    rows = []
-    for cls in classes:
-        rows.append(
-            [cls] + [_pct(table.get(cls, {}).get(c)) for _, table in blocks for c in columns]
-        )
+    rows = [
+        [cls] + [_pct(table.get(cls, {}).get(c)) for _, table in blocks for c in columns]
+        for cls in classes
+    ]
     rows.append(["mean"] + [_pct(means[name][c]) for name, _ in blocks for c in columns])
 
     markdown = _markdown(["class", *headers], rows)

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipsam_jax.metrics.common import Metrics, MetricsInputError, check_maps_masks
+from clipsam_jax.metrics.common import (
+    IMAGE_KEYS,
+    PIXEL_KEYS,
+    Metrics,
+    MetricsInputError,
+    check_maps_masks,
+)
 from clipsam_jax.metrics.curves import PositiveCurve, binary_metrics, roc_pr_metrics
 from clipsam_jax.metrics.image import image_scores_labels
 from clipsam_jax.metrics.pro import label_regions, mvtec_pro
@@ -86,39 +92,24 @@ class StreamingPixelMetrics:
           undefined, as in `compute_metrics`.
         """
         curve = self.binned_curve()
-        auroc, ap, f1 = roc_pr_metrics(curve)
-        values = {
-            "pixel_auroc": auroc,
-            "pixel_ap": ap,
-            "pixel_f1_max": f1,
-            "pro": mvtec_pro(curve),
-        }
+        values = dict(zip(PIXEL_KEYS, (*roc_pr_metrics(curve), mvtec_pro(curve))))
         values.update(self._image_metrics())
         return Metrics({k: float(v) for k, v in values.items()}, pro_mode="mvtec", exact=False)
 
     def binned_curve(self) -> PositiveCurve:
         """The curve of the binned scores: every bin holding anomalous pixels is one distinct
         threshold (bins descending), exactly as `curves.positive_curve` for tied scores."""
-        pos_desc = self._pos[::-1]
-        neg_desc = self._neg[::-1]
+        pos_desc, neg_desc = self._pos[::-1], self._neg[::-1]
         fp = np.cumsum(neg_desc)
         at = np.flatnonzero(pos_desc)
         weight = np.cumsum(self._inv_size[::-1]) / max(self._n_regions, 1)
-        return PositiveCurve(
-            tp=np.cumsum(pos_desc)[at],
-            fp=fp[at],
-            fp_above=(fp - neg_desc)[at],
-            weight=weight[at],
-            n_pos=int(self._pos.sum()),
-            n_neg=int(self._neg.sum()),
-        )
+        return PositiveCurve(tp=np.cumsum(pos_desc)[at], fp=fp[at], fp_above=(fp - neg_desc)[at],
+                             weight=weight[at], n_pos=int(self._pos.sum()),
+                             n_neg=int(self._neg.sum()))  # fmt: skip
 
     def _image_metrics(self) -> dict[str, float]:
         """Exact image metrics from the kept per-image maxima (nan before any update)."""
         if not self._image_scores:
-            nan = float("nan")
-            return {"image_auroc": nan, "image_ap": nan, "image_f1_max": nan}
-        auroc, ap, f1 = binary_metrics(
-            np.concatenate(self._image_scores), np.concatenate(self._image_labels)
-        )
-        return {"image_auroc": auroc, "image_ap": ap, "image_f1_max": f1}
+            return dict.fromkeys(IMAGE_KEYS, float("nan"))
+        scores, labels = np.concatenate(self._image_scores), np.concatenate(self._image_labels)
+        return dict(zip(IMAGE_KEYS, binary_metrics(scores, labels)))

@@ -49,8 +49,8 @@ def shifted_matmuls(x: jax.Array, kernel: jax.Array) -> jax.Array:
     with respect to x is the transposed convolution, computed the same way on the output
     gradient with the kernel flipped in space and transposed in channels: k² matmuls of C_out
     channels into one C_in accumulator, where differentiating the sum forms k² padded C_in-wide
-    products and adds them. On CPU the UMCI training step went from 1.16 to 1.07 of PyTorch's
-    time with it (benchmarks/results/train_step_cpu.json)."""
+    products and adds them. Skipping those wide intermediates makes the UMCI training step on
+    CPU faster (benchmarks/train_step.py; benchmarks/RESULTS.md)."""
     return _shifted_matmuls_forward(x, kernel)
 
 

@@ -1,4 +1,4 @@
-"""The Unified Multi-scale Cross-modal Interaction head (Sec. 3.2, Appendix B, SPEC §2).
+"""The Unified Multi-scale Cross-modal Interaction head (Sec. 3.2, Appendix B, docs/method.md §2).
 
 One `UMCIStage` per CLIP feature layer (independent weights). Shapes: patch tokens P (B, H, W, C),
 text features L (B, 2, C_t) with row 0 normal and row 1 anomalous, stage logits O_i (B, H, W, 2).
@@ -40,14 +40,14 @@ class StripBranch(nn.Module):
 
     @nn.compact
     def __call__(self, strips: jax.Array, text: jax.Array) -> jax.Array:
-        # SPEC §2 choice: a kernel-3 conv along the strip axis, mixing neighbouring strips.
+        # docs/method.md §2 choice: a kernel-3 conv along the strip axis, mixing neighbouring strips.
         v = Conv1D(self.hidden_dim, self.kernel_size, name="conv")(strips)
         t1 = nn.Dense(self.hidden_dim, dtype=self.dtype, name="text_query")(text)  # (B, 2, c_h)
         t2 = nn.Dense(self.hidden_dim, dtype=self.dtype, name="text_value")(text)
         attended = attention(t1, v, v)  # text tokens gather the visual strips they match
         gru = nn.GRUCell(self.hidden_dim, dtype=self.dtype, name="gru")
         if self.gru_reading == "carry":
-            # t_new = GRU(carry t1, input Attn(t1, v, v)) per text token (SPEC §2 choice).
+            # t_new = GRU(carry t1, input Attn(t1, v, v)) per text token (docs/method.md §2 choice).
             t_new, _ = gru(t1, attended)
         else:
             # The other reading: a GRU over the two attended tokens from a zero state.
@@ -80,7 +80,9 @@ class ScaleBranch(nn.Module):
                 f"a {p_hat.shape[1]}x{p_hat.shape[2]} token grid is smaller than the pool size "
                 f"{self.pool_size}: use a larger image size or smaller --pool-sizes"
             )
-        pooled = average_pool(p_hat, self.pool_size)  # SPEC §2: stride s, no padding, floor
+        pooled = average_pool(
+            p_hat, self.pool_size
+        )  # docs/method.md §2: stride s, no padding, floor
         v = Conv2D(self.hidden_dim, 3, self.conv_impl, name="conv")(pooled)
         batch, rows, cols, channels = v.shape
         tokens = v.reshape(batch, rows * cols, channels)
@@ -119,7 +121,7 @@ class UMCIStage(nn.Module):
         if self.shared_projection:
             p_hat = dense(self.text_dim, name="projection")(tokens)
             p_strip = p_scale = p_fusion = p_hat
-        else:  # Algorithms 1 and 2 each write their own Linear (SPEC §2 option)
+        else:  # Algorithms 1 and 2 each write their own Linear (docs/method.md §2 option)
             p_fusion = dense(self.text_dim, name="projection_fusion")(tokens)
             p_strip = dense(self.text_dim, name="projection_strip")(tokens) if strip_on else None
             p_scale = dense(self.text_dim, name="projection_scale")(tokens) if scale_on else None

@@ -1,4 +1,4 @@
-"""The zero-shot similarity map of Table 2's "w/o UMCI" row (SPEC §2).
+"""The zero-shot similarity map of Table 2's "w/o UMCI" row (docs/method.md §2).
 
 Per feature layer: patch tokens → CLIP's post-layernorm → visual projection → L2-normalize →
 cosine with L × 100; the rough map then averages the softmax anomaly channel over layers,

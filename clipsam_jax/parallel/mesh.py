@@ -1,10 +1,8 @@
 """Data parallelism over every device: a 1-D `Mesh` on the batch axis.
 
-Params are replicated, batches are split along their first axis, and XLA runs each device's
-share; results are gathered back to the host. Batches are padded to a multiple of the device
-count (`pad_to`), so ragged last batches work. On several hosts, `initialize_distributed` joins
-the processes first; the mesh then spans all hosts' devices and every process passes the rows
-of the global batch that its own devices hold.
+Params are replicated, batches split along their first axis (padded to a multiple of the
+device count, `pad_to`). On several hosts, `initialize_distributed` joins the processes first
+and the mesh spans all hosts' devices.
 """
 
 from __future__ import annotations
@@ -58,11 +56,8 @@ def pad_to(batch_size: int, mesh: Mesh) -> int:
 
 
 def shard_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Place a host batch (B, ...) split over the mesh (B must divide evenly; see `pad_to`).
-
-    Single host: a plain sharded `device_put`. Several hosts: every process holds the same
-    global batch and contributes the rows of its own devices.
-    """
+    """Place a host batch (B, ...) split over the mesh (B must divide evenly; see `pad_to`); on
+    several hosts every process holds the same global batch and gives its devices' rows."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(array, sharding)

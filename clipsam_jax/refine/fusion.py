@@ -1,9 +1,9 @@
-"""Fusion of SAM masks with the rough map (Sec. 3.3, Eq. 9; SPEC §4), and the MMR glue.
+"""Fusion of SAM masks with the rough map (Sec. 3.3, Eq. 9; docs/method.md §4), and the MMR glue.
 
     O_final = Norm(O + Σ_i Σ_j m_ij · s_ij)
 
 O is the rough map on the model grid (S×S); the masks m_ij come from SAM at the original image
-resolution and are brought to S×S by **area averaging** (SPEC §4 choice): a grid cell gets the
+resolution and are brought to S×S by **area averaging** (docs/method.md §4 choice): a grid cell gets the
 fraction of its image area that the mask covers, so a thin defect is not lost or widened as it
 would be by nearest or max pooling. When H and W are multiples of S this is an exact block
 mean in numpy; otherwise OpenCV's INTER_AREA, which computes the same fractional-coverage
@@ -86,7 +86,7 @@ def fuse(
       masks: bool (q, k, H, W) SAM masks at the original image resolution.
       scores: float (q, k) SAM scores s_ij (used as given; SAM's IoU predictions can leave
         [0, 1] slightly).
-      norm: "max" (default, SPEC §4): divide by the map's maximum only where it exceeds 1;
+      norm: "max" (default, docs/method.md §4): divide by the map's maximum only where it exceeds 1;
         "minmax": rescale to [0, 1] (a constant map becomes all zeros); "none": no scaling.
 
     Returns:
@@ -105,7 +105,7 @@ def fuse(
         return rough.copy()
     # Area averaging is linear, so the score-weighted sum of the masks is resized once instead of
     # every mask (q·k resizes of full-resolution maps dominated the MMR time otherwise). A dense
-    # multiply-add, not `weighted[mask] += score`: same sums, 25x faster than boolean indexing.
+    # multiply-add, not `weighted[mask] += score`: same sums, far faster than boolean indexing.
     weighted = np.zeros(masks.shape[2:], np.float32)
     for mask, score in zip(masks.reshape(-1, *masks.shape[2:]), scores.reshape(-1)):
         weighted += mask.astype(bool, copy=False) * score

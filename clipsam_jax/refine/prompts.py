@@ -1,4 +1,4 @@
-"""Point and box prompts for SAM from the CLIP-stage rough map (Sec. 3.3, Eq. 7; SPEC §4).
+"""Point and box prompts for SAM from the CLIP-stage rough map (Sec. 3.3, Eq. 7; docs/method.md §4).
 
 The rough map lives on the model grid (S×S); SAM works in the original image's pixels. Boxes
 and points are therefore mapped from grid cells to image pixels here, so the refiner only has

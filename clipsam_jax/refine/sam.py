@@ -1,319 +1,35 @@
-"""SAM refiner (Sec. 3.3, Eq. 8; SPEC §4): registry, checkpoints, batched images and prompts.
+"""SAM refiner (Sec. 3.3, Eq. 8; docs/method.md §4): the masks of many images' boxes, batched.
 
-With `sam_attention`, the only modules of the library that import `segment_anything` at import
-time; the rest imports without torch (which only checkpoint conversion and `torch_ref` use).
-
-Checkpoint verification: the official file names carry a hash prefix (`sam_vit_h_4b8939.pth`),
-the publisher's only statement about the file's content. torch.hub's convention is to check
-that prefix against the file's SHA256; for the SAM files, downstream projects consistently
-document it as the prefix of the file's **MD5** (e.g. vit_h md5 4b8939a88964…). A downloaded
-file is accepted when the prefix matches either digest; no full checksum is invented here.
+With `sam_build` and `sam_attention`, the only library modules that import `segment_anything`
+(and torch) at import time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
-from segment_anything import sam_model_registry
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
+from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from clipsam_jax.config import RefineConfig
-from clipsam_jax.errors import CheckpointError, ConfigError
+from clipsam_jax.config import RefineConfig, RuntimeConfig
+from clipsam_jax.errors import ConfigError
 from clipsam_jax.refine.prompts import Prompts
 from clipsam_jax.refine.sam_attention import (
     SamAttention,
     check_sam_attention,
     set_sam_attention,
 )
+from clipsam_jax.refine.sam_build import build_sam
 from clipsam_jax.refine.sam_decoder import decode_boxes
 
 log = logging.getLogger(__name__)
-
-OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-DEFAULT_CACHE_DIR = Path("~/.cache/clipsam_jax/sam")
-
-TINY_SEED = 0
-TINY_WARNING = (
-    "SAM 'tiny-random': a small SAM with RANDOM weights, for tests and demos only; "
-    "its masks and scores are meaningless."
-)
-
-
-@dataclass(frozen=True)
-class SamVariant:
-    """A SAM architecture: builder, encoder width (to recognize checkpoints), official file."""
-
-    name: str
-    builder: Callable[[], Sam]
-    embed_dim: int  # image_encoder.patch_embed width, distinguishes the variants
-    filename: str | None = None  # official checkpoint; None = random weights (tiny)
-
-    @property
-    def url(self) -> str | None:
-        return OFFICIAL_BASE_URL + self.filename if self.filename else None
-
-    @property
-    def hash_prefix(self) -> str | None:
-        """The hash prefix the publisher put in the file name (`sam_vit_h_4b8939.pth`)."""
-        return Path(self.filename).stem.rsplit("_", 1)[-1] if self.filename else None
-
-
-# Tiny SAM: 256-pixel input, 16×16 token grid, 2 blocks of width 64, prompt/decoder width 32.
-_TINY = {"img_size": 256, "patch": 16, "embed_dim": 64, "depth": 2, "heads": 2, "prompt_dim": 32}
-
-
-def build_tiny_sam() -> Sam:
-    """A small SAM from segment_anything's modules, random weights (torch seed `TINY_SEED`).
-
-    The global torch RNG is left untouched (forked), so building it changes no other result.
-    """
-    t = _TINY
-    grid = t["img_size"] // t["patch"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
-                img_size=t["img_size"],
-                patch_size=t["patch"],
-                embed_dim=t["embed_dim"],
-                depth=t["depth"],
-                num_heads=t["heads"],
-                mlp_ratio=2.0,
-                out_chans=t["prompt_dim"],
-                qkv_bias=True,
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                use_rel_pos=True,
-                window_size=8,
-                global_attn_indexes=(1,),
-            ),
-            prompt_encoder=PromptEncoder(
-                embed_dim=t["prompt_dim"],
-                image_embedding_size=(grid, grid),
-                input_image_size=(t["img_size"], t["img_size"]),
-                mask_in_chans=4,
-            ),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(
-                    depth=2, embedding_dim=t["prompt_dim"], mlp_dim=64, num_heads=2
-                ),
-                transformer_dim=t["prompt_dim"],
-                iou_head_depth=2,
-                iou_head_hidden_dim=32,
-            ),
-            pixel_mean=[123.675, 116.28, 103.53],
-            pixel_std=[58.395, 57.12, 57.375],
-        )
-        # SAM zero-initializes the position embedding; a random one gives position-dependent
-        # (still meaningless) masks, which makes the tiny model a better test double.
-        torch.nn.init.normal_(sam.image_encoder.pos_embed, std=0.5)
-    return sam.eval()
-
-
-SAM_VARIANTS: dict[str, SamVariant] = {
-    "vit_h": SamVariant("vit_h", sam_model_registry["vit_h"], 1280, "sam_vit_h_4b8939.pth"),
-    "vit_l": SamVariant("vit_l", sam_model_registry["vit_l"], 1024, "sam_vit_l_0b3195.pth"),
-    "vit_b": SamVariant("vit_b", sam_model_registry["vit_b"], 768, "sam_vit_b_01ec64.pth"),
-    "tiny-random": SamVariant("tiny-random", build_tiny_sam, _TINY["embed_dim"]),
-}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" → cuda if available else cpu; anything else is passed to torch.device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def build_sam(
-    variant: str,
-    checkpoint: str | os.PathLike | None = None,
-    download: bool = False,
-    device: str | torch.device = "auto",
-    cache_dir: str | os.PathLike | None = None,
-) -> Sam:
-    """Build a SAM model in eval mode on `device`.
-
-    Args:
-      variant: "vit_h", "vit_l", "vit_b" or "tiny-random".
-      checkpoint: a state-dict file (or a folder holding the official file name). Real
-        variants need one, unless `download` or the official file is already in `cache_dir`.
-        Optional for tiny-random (random weights otherwise).
-      download: fetch the official checkpoint into `cache_dir` when no checkpoint is given.
-      device: "auto" (cuda if available, else cpu), "cpu", "cuda:1", ...
-      cache_dir: download folder, default `~/.cache/clipsam_jax/sam`.
-
-    Raises:
-      CheckpointError: unknown variant, missing/corrupt file, weights of another variant,
-        failed download or hash check.
-    """
-    spec = _variant(variant)
-    path = _resolve_checkpoint(spec, checkpoint, download, cache_dir)
-    if path is None:
-        log.warning(TINY_WARNING)
-        sam = spec.builder()
-    else:
-        state = _load_state_dict(path)
-        _check_variant(state, spec, path)
-        if spec.name == "tiny-random":
-            log.warning(TINY_WARNING)
-        sam = spec.builder()
-        try:
-            sam.load_state_dict(state)
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{path}: not a complete {spec.name} SAM state dict: {_summary(err)}"
-            ) from err
-    return sam.to(resolve_device(device)).eval()
-
-
-def _variant(name: str) -> SamVariant:
-    if name not in SAM_VARIANTS:
-        raise CheckpointError(f"unknown SAM variant {name!r}; valid: {', '.join(SAM_VARIANTS)}")
-    return SAM_VARIANTS[name]
-
-
-def _resolve_checkpoint(
-    spec: SamVariant,
-    checkpoint: str | os.PathLike | None,
-    download: bool,
-    cache_dir: str | os.PathLike | None,
-) -> Path | None:
-    """The checkpoint file to load, downloading it if asked; None = random tiny weights."""
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if path.is_dir() and spec.filename:
-            path = path / spec.filename
-        if not path.is_file():
-            raise CheckpointError(
-                f"SAM checkpoint file not found: {path}. Give the {spec.name} weights "
-                f"({spec.filename or 'a tiny-random state dict'}) with --sam-checkpoint PATH"
-                + (" or fetch them with --download-sam." if spec.filename else ".")
-            )
-        return path
-    if spec.filename is None:
-        return None
-    cached = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / spec.filename
-    if cached.is_file():
-        log.info("using SAM %s checkpoint %s", spec.name, cached)
-        return cached
-    if download:
-        return download_checkpoint(spec, cached)
-    raise CheckpointError(
-        f"SAM {spec.name} needs its checkpoint file {spec.filename} (not found in {cached.parent}). "
-        f"Pass --sam-checkpoint PATH, or --download-sam to fetch it from {spec.url}."
-    )
-
-
-def download_checkpoint(spec: SamVariant, dst: Path) -> Path:
-    """Fetch the official file to `dst` (tqdm progress bar), verify the name's hash prefix.
-
-    The file lands under a temporary name and is only renamed to `dst` once verified.
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".part", dir=dst.parent)
-    os.close(fd)
-    try:
-        log.info("downloading SAM %s from %s to %s", spec.name, spec.url, dst)
-        try:
-            # hash_prefix=None: torch.hub would check SHA256, SAM names carry the MD5 prefix.
-            torch.hub.download_url_to_file(spec.url, tmp, hash_prefix=None, progress=True)
-        except Exception as err:
-            raise CheckpointError(
-                f"could not download SAM {spec.name} from {spec.url}: {err}. Download it by "
-                f"hand and pass --sam-checkpoint PATH."
-            ) from err
-        verify_hash_prefix(Path(tmp), spec.hash_prefix)
-        os.replace(tmp, dst)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-    return dst
-
-
-def verify_hash_prefix(path: Path, prefix: str) -> None:
-    """Raise CheckpointError unless the MD5 or SHA256 hex digest of `path` starts with
-    `prefix` (see the module docstring for why both)."""
-    md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            md5.update(block)
-            sha256.update(block)
-    digests = {"md5": md5.hexdigest(), "sha256": sha256.hexdigest()}
-    if not any(d.startswith(prefix.lower()) for d in digests.values()):
-        raise CheckpointError(
-            f"{path}: hash check failed, expected a digest starting with {prefix!r} (from the "
-            f"official file name), got md5 {digests['md5']}, sha256 {digests['sha256']}. "
-            "The download is incomplete or altered and was discarded; retry, or fetch the "
-            "file by hand and pass --sam-checkpoint PATH."
-        )
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors only (weights_only): a SAM checkpoint is a plain state dict."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"{path}: cannot read SAM checkpoint (corrupt or not a PyTorch file): {_summary(err)}"
-        ) from err
-    # Some re-exports wrap the weights; the official files are the bare state dict.
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a SAM state dict (a dict of tensors expected)")
-    return state
-
-
-def identify_variant(state: dict[str, torch.Tensor]) -> str | None:
-    """The registry variant whose encoder width matches the state dict, None if none does."""
-    weight = state.get("image_encoder.patch_embed.proj.weight")
-    if weight is None or weight.ndim != 4:
-        return None
-    for spec in SAM_VARIANTS.values():
-        if weight.shape[0] == spec.embed_dim:
-            return spec.name
-    return None
-
-
-def _check_variant(state: dict[str, torch.Tensor], spec: SamVariant, path: Path) -> None:
-    """Fail early and clearly on weights of another SAM size (before building the model)."""
-    if "image_encoder.patch_embed.proj.weight" not in state:
-        raise CheckpointError(f"{path}: not a SAM checkpoint (no image_encoder.patch_embed)")
-    found = identify_variant(state)
-    if found != spec.name:
-        width = state["image_encoder.patch_embed.proj.weight"].shape[0]
-        looks = f"looks like {found}" if found else f"has an unknown encoder width {width}"
-        raise CheckpointError(
-            f"{path}: SAM variant mismatch: --sam {spec.name} expects encoder width "
-            f"{spec.embed_dim}, but this checkpoint {looks}. Pass the matching --sam or file."
-        )
-
-
-def _summary(err: BaseException, limit: int = 300) -> str:
-    """A one-line, bounded summary of an exception (torch's load errors span many lines)."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -337,26 +53,18 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 # Accepted `autocast` names → torch dtype; None = full fp32 (no autocast).
 _AUTOCAST: dict[str | None, torch.dtype | None] = {
-    None: None,
-    "fp32": None,
-    "float32": None,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
+    None: None, "fp32": None, "float32": None, "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}  # fmt: skip
 AUTOCAST_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
 
 def resolve_autocast(autocast: str | None, device: torch.device) -> str | None:
     """Canonical autocast name for SAM on `device`: None (fp32), "fp16" or "bf16".
 
-    "auto" is bf16 on a CUDA device that supports it and fp32 elsewhere; "fp32" and None
-    both mean no autocast. Mixed precision is CUDA only (on CPU it would be slower, and the
-    reference results are fp32).
-
-    Raises:
-      ConfigError: unknown name, fp16/bf16 on a non-CUDA device, bf16 on a GPU without it.
+    "auto" is bf16 on a CUDA device that supports it and fp32 elsewhere. Mixed precision is
+    CUDA only (on CPU it would be slower, and the reference results are fp32). ConfigError for
+    an unknown name, fp16/bf16 off CUDA, bf16 on a GPU without it.
     """
     if autocast == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -378,40 +86,28 @@ class SamRefiner:
     """SAM masks for the boxes of many images: image encoder and mask decoder batched.
 
     The image encoder (nearly all of SAM's cost) runs on up to `max_images_per_call` images
-    at once; the mask decoder then takes the boxes of all those images in one call
-    (`sam_decoder.decode_boxes`: each box with its own image's embedding, where SAM's decoder
-    takes one image per call). Images without boxes cost nothing.
-    Preprocessing and postprocessing are segment_anything's own (`ResizeLongestSide`,
-    `Sam.preprocess`, `Sam.postprocess_masks`), so results equal `SamPredictor`'s.
+    at once; the mask decoder then takes all their boxes in one call (`decode_boxes`). Images
+    without boxes cost nothing. Pre- and postprocessing are segment_anything's own, so results
+    equal `SamPredictor`'s.
 
     Args:
       model: a SAM model (see `build_sam`); its device is used.
-      max_boxes_per_call: at most this many boxes per decoder call (a memory bound for images
-        with very many components); None = the boxes of an encoder batch in one call.
-      autocast: None / "fp32" (default), "fp16", "bf16" mixed precision (CUDA only), or
-        "auto" (bf16 on CUDA, fp32 on CPU). Masks and scores come back as bool / float32.
+      max_boxes_per_call: a memory bound on boxes per decoder call; None = no bound.
+      autocast: None / "fp32" (default), "fp16", "bf16" (CUDA only), or "auto" (bf16 on CUDA,
+        fp32 on CPU). Masks and scores come back as bool / float32.
       max_images_per_call: images per encoder call, a memory bound: ViT-H's global-attention
         blocks hold a 16×4096×4096 attention matrix, about 1 GiB per image in fp32.
-      attention: the image encoder's attention, "flash" (default: relative positions folded
-        into query/key, PyTorch's fused attention without a mask), "sdpa" (the same kernel
-        family with the relative positions as its mask; see `sam_attention`) or "stock"
-        (segment_anything's); set on `model` before each encoder call. Fused kernels may round
-        differently for different batch sizes, so batched and one-by-one masks can differ in a
-        rare pixel at the threshold; "stock" gives identical ones.
-      compile_backend: None (default) runs the image encoder eagerly; a `torch.compile`
-        backend ("inductor") compiles it on its first call. On an H200 in bf16 the compiled
-        ViT-H encoder ran 1.79x faster after a 63 s compilation (batch 8, flash attention;
-        benchmarks/results/run_all_h200_run4.json): worth it from several thousand images on.
-        The batch dimension is symbolic: one compilation serves every batch of two or more
-        images; a one-image batch compiles once more (torch specializes size 1).
+      attention: "flash" (default), "sdpa" or "stock" (see `sam_attention`), set on `model`
+        before each encoder call. Kernels round differently for different batch sizes, so
+        batched and one-by-one masks can differ in a rare pixel whose logit is at 0.
+      compile_backend: None (eager) or a `torch.compile` backend ("inductor"); compiling takes
+        one to three minutes, worth it only on large sets (benchmarks/RESULTS.md). The batch
+        dimension is symbolic; a one-image batch compiles once more (torch specializes size 1).
 
     Attributes:
-      preprocess_seconds, encoder_seconds, decoder_seconds: accumulated wall time of the
-        resize/normalize/pad, the image encoder, and prompt encoding + mask decoding +
-        upscaling + copy to host; SAM's CUDA stream is waited for before each clock read (only
-        SAM's: JAX's work on the same GPU keeps running).
-      images_encoded, boxes_decoded: how many images went through the encoder, how many
-        boxes through the decoder. `reset_timers()` zeroes all five.
+      preprocess_seconds, encoder_seconds, decoder_seconds: accumulated wall time of each
+        stage (SAM's CUDA stream waited for, not JAX's work on the same GPU).
+      images_encoded, boxes_decoded: counts. `reset_timers()` zeroes all five.
     """
 
     def __init__(
@@ -444,30 +140,29 @@ class SamRefiner:
     def from_config(
         cls,
         config: RefineConfig,
-        cache_dir: str | None = None,
+        runtime: RuntimeConfig | None = None,
         *,
         autocast: str | None = None,
         max_boxes_per_call: int | None = None,
-        max_images_per_call: int = 4,
-        attention: SamAttention | None = None,
+        cache_dir: str | None = None,
     ) -> SamRefiner:
-        """Build SAM from `RefineConfig` (sam, sam_checkpoint, download_sam, device,
-        sam_attention unless `attention` is given, sam_compile: inductor)."""
+        """Build SAM from `RefineConfig` (its sam_dtype unless `autocast` is given) and
+        `RuntimeConfig` (defaults when None); `cache_dir`: where --download-sam puts the file."""
         if config.sam == "none":
             raise ConfigError("RefineConfig.sam is 'none': there is no SAM to build")
+        runtime = runtime or RuntimeConfig()
         model = build_sam(
-            config.sam, config.sam_checkpoint, config.download_sam, config.device, cache_dir
+            config.sam, config.sam_checkpoint, config.download_sam, runtime.sam_device, cache_dir
         )
-        attention = attention or config.sam_attention
-        backend = "inductor" if config.sam_compile else None
-        return cls(model, max_boxes_per_call, autocast, max_images_per_call, attention, backend)
+        backend = "inductor" if runtime.sam_compile else None
+        return cls(model, max_boxes_per_call, autocast or config.sam_dtype,
+                   runtime.sam_images_per_call, runtime.sam_attention, backend)  # fmt: skip
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def reset_timers(self) -> None:
-        """Zero the stage timers and counters."""
         self.preprocess_seconds = 0.0
         self.encoder_seconds = 0.0
         self.decoder_seconds = 0.0
@@ -477,17 +172,8 @@ class SamRefiner:
     def refine(
         self, image_rgb: np.ndarray, prompts: Prompts, multimask: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """SAM masks for every box of one image (Eq. 8); `refine_batch` of one image.
-
-        Args:
-          image_rgb: the original image, (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA.
-          prompts: boxes and points in this image's pixel coordinates.
-          multimask: k = 3 masks per box (paper) or k = 1.
-
-        Returns:
-          masks bool (q, k, H, W) at the original resolution, scores float32 (q, k).
-          q = 0 returns empty arrays without running SAM.
-        """
+        """SAM masks for every box of one image (Eq. 8): `refine_batch` of one image, masks
+        bool (q, k, H, W) and scores float32 (q, k)."""
         return self.refine_batch([image_rgb], [prompts], multimask)[0]
 
     def refine_batch(
@@ -499,14 +185,13 @@ class SamRefiner:
         """SAM masks for the boxes of several images, the encoder batched across images.
 
         Args:
-          images: N original images, each (H_n, W_n) gray, (H_n, W_n, 3) RGB or RGBA; sizes
-            may differ.
+          images: N original images, (H_n, W_n) gray, (H_n, W_n, 3) RGB or RGBA.
           prompts: N `Prompts`, each in its image's pixel coordinates (q_n may be 0).
           multimask: k = 3 masks per box (paper) or k = 1.
 
         Returns:
-          N pairs (masks bool (q_n, k, H_n, W_n), scores float32 (q_n, k)), equal to `refine`
-          image by image. Images with q_n = 0 get empty arrays and no encoder work.
+          N pairs (masks bool (q_n, k, H_n, W_n), scores float32 (q_n, k)); q_n = 0 gets empty
+          arrays and no encoder work.
         """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompt sets")
@@ -538,9 +223,7 @@ class SamRefiner:
     def _encode(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Image embeddings (n, C, h, w) of n uint8 RGB images, and their resized (H', W').
 
-        Each image goes through `SamPredictor.set_image`'s steps: channel order, resize of the
-        long side to the encoder size (uint8, `ResizeLongestSide`), then `Sam.preprocess`
-        (normalize, pad bottom/right to a square), so all stack into (n, 3, 1024, 1024).
+        `SamPredictor.set_image`'s steps: channel order, `ResizeLongestSide`, `Sam.preprocess`.
         """
         with self._timed("preprocess_seconds"):
             if self.model.image_format == "BGR":
@@ -561,9 +244,8 @@ class SamRefiner:
         return features, input_sizes
 
     def _resize(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """`ResizeLongestSide.apply_image` of each uint8 (H, W, 3) image, in threads when there
-        are several: PIL's resize releases the GIL, and on one GPU it was 13 ms of host time per
-        ViT-H image, about half the encoder's time per image (run_all_h200_run4.json)."""
+        """`ResizeLongestSide.apply_image` of each image, in threads when there are several (PIL
+        releases the GIL; on a GPU the resize is a sizeable fraction of the encoder's time)."""
         if len(images) == 1:
             return [self.transform.apply_image(images[0])]
         if self._resize_pool is None:
@@ -581,11 +263,9 @@ class SamRefiner:
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Masks bool (q_i, k, H_i, W_i) and scores float32 (q_i, k) of the boxes of n images.
 
-        `features` (n, C, h, w) holds the n images' embeddings. The boxes of all n images go
-        through the prompt encoder and the mask decoder together (`decode_boxes`: one call for
-        all, not one per image), in calls of at most `max_boxes_per_call` boxes; images whose
-        prompts have different point counts go in separate calls. Each image's low-resolution
-        masks are then upscaled to its size as in `SamPredictor.predict_torch`.
+        `features` (n, C, h, w): the n images' embeddings. All boxes go through the decoder
+        together (`decode_boxes`), in calls of at most `max_boxes_per_call` boxes and one group
+        per point count; masks are upscaled as in `SamPredictor.predict_torch`.
         """
         model = self.model
         low_res: list[torch.Tensor | None] = [None] * len(prompts)
@@ -615,10 +295,9 @@ class SamRefiner:
                                         sparse, dense, multimask)  # fmt: skip
                     masks_parts.append(m)
                     iou_parts.append(s)
-                per_image = zip(images, torch.cat(masks_parts).split(counts),
-                                torch.cat(iou_parts).split(counts), strict=True)  # fmt: skip
-                for i, image_masks, image_scores in per_image:
-                    low_res[i], scores[i] = image_masks, image_scores
+                for i, m, s in zip(images, torch.cat(masks_parts).split(counts),
+                                   torch.cat(iou_parts).split(counts), strict=True):  # fmt: skip
+                    low_res[i], scores[i] = m, s
             results = []
             for i in range(len(prompts)):
                 # Upscale in fp32 even under autocast: the threshold at the mask boundary is
@@ -634,9 +313,8 @@ class SamRefiner:
     def _prompt_tensors(
         self, prompts: list[Prompts], original_sizes: list[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The boxes (Q, 4), point coordinates (Q, m, 2) and labels (Q, m) of several images'
-        prompts in the encoder's input frame (`ResizeLongestSide`, per image), stacked in
-        image order. Points are None when m = 0."""
+        """Boxes (Q, 4), point coordinates (Q, m, 2) and labels (Q, m) in the encoder's input
+        frame, stacked in image order; points None when m = 0."""
         device, transform = self.device, self.transform
         boxes, coords, labels = [], [], []
         for p, size in zip(prompts, original_sizes, strict=True):
@@ -651,8 +329,7 @@ class SamRefiner:
 
     @contextlib.contextmanager
     def _timed(self, counter: str) -> Iterator[None]:
-        """Add the block's wall time to `self.<counter>`; SAM's CUDA stream is waited for first,
-        so asynchronous kernels are charged to the stage that launched them."""
+        """Add the block's wall time to `self.<counter>`, SAM's CUDA stream waited for."""
         self._synchronize()
         start = time.perf_counter()
         try:

@@ -1,22 +1,15 @@
 """SAM's image-encoder attention through `torch.nn.functional.scaled_dot_product_attention`.
 
-segment_anything's `Attention.forward` builds the attention matrix explicitly: q·kᵀ, plus the
-decomposed relative-position terms, softmax, times v. The same function can run through PyTorch's
-fused attention, with the relative-position terms passed as an additive `attn_mask`: the softmax
-and the product with v are then one kernel instead of three passes over the (heads, N, N)
-matrix, which in ViT-H's four global-attention blocks is 16 × 4096 × 4096 per image.
+segment_anything's `Attention.forward` builds the (heads, N, N) attention matrix explicitly
+(16 × 4096 × 4096 per image in ViT-H's global blocks). "sdpa" passes the decomposed
+relative-position terms to PyTorch's fused attention as an additive `attn_mask`. "flash" folds
+them into the query and key vectors (the query's height / width terms against one-hots of the
+key's row / column), so no mask is written and PyTorch may pick its flash kernel; the price is
+a query-key product over d + H + W channels (80 + 64 + 64 in ViT-H's global blocks), with the
+values zero-padded to that width.
 
-"flash" goes one step further: the relative-position terms are dot products too (the query's
-height term against a one-hot of the key's row, its width term against a one-hot of the key's
-column), so they are appended to the query and key vectors and no mask is needed at all. The
-(heads, N, N) bias is then never written, and PyTorch may pick its flash kernel, which takes no
-mask. The price: the query-key product runs over d + H + W channels instead of d (80 + 64 + 64
-in ViT-H's global blocks, 80 + 14 + 14 in the windowed ones), and the values are zero-padded to
-that width for the kernel.
-
-`set_sam_attention(model, "sdpa")` rebinds `forward` on the model's own `Attention` instances (no copy of
-segment_anything's code, no change to its classes); the weights are untouched, so a checkpoint
-loads the same either way and `set_sam_attention(model, "stock")` undoes it.
+`set_sam_attention` rebinds `forward` on the model's own `Attention` instances; the weights are
+untouched, and "stock" undoes it.
 """
 
 from __future__ import annotations
@@ -100,12 +93,8 @@ def check_sam_attention(attention: str) -> SamAttention:
 
 
 def set_sam_attention(model: torch.nn.Module, attention: SamAttention) -> int:
-    """Switch every segment_anything `Attention` in `model` to `attention`; returns how many.
-
-    "stock": segment_anything's own forward; "sdpa": `_attend_with_mask`; "flash":
-    `_attend_folded`. Only the image encoder has such modules (the mask decoder's attention is
-    another class and stays as it is).
-    """
+    """Switch every segment_anything `Attention` in `model` (the image encoder's only) to
+    `attention`; returns how many."""
     check_sam_attention(attention)
     count = 0
     for module in model.modules():

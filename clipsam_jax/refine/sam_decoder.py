@@ -1,10 +1,8 @@
 """SAM's mask decoder on the boxes of several images in one call.
 
-segment_anything's `MaskDecoder` takes one image embedding per call and repeats it for every
-prompt, so a batch of images costs one decoder call per image, each a few hundred small kernel
-launches. Here each box brings its own image embedding (rows of the encoder's batch, gathered),
-and the decoder's own modules (two-way transformer, upscaling, hypernetwork MLPs, IoU head) run
-once for every box of every image. The function is `MaskDecoder.forward`'s, image by image.
+segment_anything's `MaskDecoder` takes one image embedding per call, so a batch of images costs
+a call (a few hundred small kernel launches) per image. Here each box brings its own image's
+embedding and the decoder's modules run once for all boxes: `MaskDecoder.forward`, image by image.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ def decode_boxes(
     """Low-resolution mask logits and IoU predictions of Q prompts from several images.
 
     Args:
-      decoder: SAM's mask decoder.
       embeddings: (Q, C, h, w) the image embedding of each prompt's image.
       image_pe: (1, C, h, w) the dense positional encoding (`PromptEncoder.get_dense_pe()`).
       sparse: (Q, T, C) sparse prompt embeddings (boxes and points; T equal for all prompts).

@@ -1,4 +1,4 @@
-"""PyTorch reference of the APRIL-GAN baseline head (SPEC §2, last item).
+"""PyTorch reference of the APRIL-GAN baseline head (docs/method.md §2, last item).
 
 Per stage: a Linear C -> C_t on the patch tokens, L2-normalized, cosine with the L2-normalized
 text rows, scaled by 100. Channels-last like the UMCI head; state_dict keys `stages.i.weight`,

@@ -1,4 +1,4 @@
-"""Training losses of ClipSAM (paper Sec. 3.4, Eq. 10-12; SPEC §3), PyTorch reference.
+"""Training losses of ClipSAM (paper Sec. 3.4, Eq. 10-12; docs/method.md §3), PyTorch reference.
 
 Logits are channels-last (B, H, W, 2), channel 1 anomalous; masks are bool, True = anomalous.
 focal_loss and dice_loss take logits and mask on the same grid; total_loss brings them there.
@@ -60,36 +60,21 @@ def downsample_mask(
     masks: torch.Tensor, size: Sequence[int], antialias: bool = True
 ) -> torch.Tensor:
     """Bool masks (B, S, S) -> (B, h, w): bilinear resize (half-pixel centres), then > 0.5.
-
-    antialias=True widens the bilinear kernel by the downscale factor, which is what
-    jax.image.resize does by default; without it a 14x downsample reads only the 2x2 pixels
-    around each cell centre.
-    """
-    resized = F.interpolate(
-        masks[:, None].to(torch.float32),
-        size=tuple(size),
-        mode="bilinear",
-        align_corners=False,
-        antialias=antialias,
-    )
+    antialias=True widens the kernel by the downscale factor, as jax.image.resize does."""
+    resized = F.interpolate(masks[:, None].to(torch.float32), size=tuple(size), mode="bilinear",
+                            align_corners=False, antialias=antialias)  # fmt: skip
     return resized[:, 0] > 0.5
 
 
 def total_loss(
-    stage_logits: Sequence[torch.Tensor],
-    masks: torch.Tensor,
-    weights: Sequence[float] = STAGE_WEIGHTS,
-    gamma: float = 2.0,
-    smooth: float = 1.0,
-    resolution: str = "image",
-    *,
-    mask_antialias: bool = True,
-    align_corners: bool = False,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    stage_logits: Sequence[torch.Tensor], masks: torch.Tensor,
+    weights: Sequence[float] = STAGE_WEIGHTS, gamma: float = 2.0, smooth: float = 1.0,
+    resolution: str = "image", *, mask_antialias: bool = True, align_corners: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """Σ_i λ_i (focal_i + dice_i) (Eq. 12) over the stages.
 
     stage_logits: list of (B, H, W, 2); masks: bool (B, S, S). resolution="image" resizes each
-    stage's logits bilinearly to S×S (SPEC §3 choice); "grid" instead downsamples the mask to
+    stage's logits bilinearly to S×S (docs/method.md §3 choice); "grid" instead downsamples the mask to
     H×W (see downsample_mask) and leaves the logits alone. Returns (total, parts) with parts
     {"focal_i", "dice_i"} per stage i, all scalar tensors still attached to the graph.
     """

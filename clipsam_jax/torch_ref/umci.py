@@ -1,4 +1,4 @@
-"""PyTorch reference of ClipSAM's UMCI head (paper Sec. 3.2 and Appendix B; SPEC §2).
+"""PyTorch reference of ClipSAM's UMCI head (paper Sec. 3.2 and Appendix B; docs/method.md §2).
 
 Every tensor at a module boundary is channels-last, as on the Flax side: patch tokens
 (B, H, W, C), text features L (B, 2, C_t) with row 0 normal and row 1 anomalous, stage logits
@@ -21,18 +21,9 @@ GRU_READINGS = ("carry", "sequence")
 NORM_EPS = 1e-12  # F.normalize's default: x / max(||x||, eps)
 
 
-# ---------------------------------------------------------------------------------------------
-# Channels-last helpers
-# ---------------------------------------------------------------------------------------------
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention softmax(q kᵀ / sqrt(d)) v (Eq. 13), one head.
-
-    q (B, Nq, d), k (B, Nk, d), v (B, Nk, d_v) -> (B, Nq, d_v); d = c_h in the head. Written
-    out rather than through F.scaled_dot_product_attention so the order of operations is the
-    plain one the Flax side reproduces.
-    """
+    """softmax(q kᵀ / sqrt(d)) v (Eq. 13), one head: q (B, Nq, d), k (B, Nk, d), v (B, Nk, d_v)
+    -> (B, Nq, d_v). Written out (not F.scaled_dot_product_attention) in the Flax side's order."""
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
@@ -53,10 +44,7 @@ def conv1d_nlc(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
 
 
 def avg_pool_nhwc(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Average pooling, kernel = stride = size, no padding, floor: (B, H, W, C) -> (B, H//s, W//s, C).
-
-    The trailing H % s rows and W % s columns are dropped (37 -> 12 with s=3, -> 4 with s=9).
-    """
+    """Average pooling, kernel = stride = size, floor: (B, H, W, C) -> (B, H//s, W//s, C)."""
     pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), kernel_size=size, stride=size, ceil_mode=False)
     return pooled.permute(0, 2, 3, 1)
 
@@ -64,22 +52,15 @@ def avg_pool_nhwc(x: torch.Tensor, size: int) -> torch.Tensor:
 def resize_bilinear_nhwc(
     x: torch.Tensor, size: Sequence[int], align_corners: bool = False
 ) -> torch.Tensor:
-    """Bilinear resize (B, H, W, C) -> (B, size[0], size[1], C), half-pixel centres.
-
-    align_corners=False is what jax.image.resize does. Only used to upsample here, where
-    antialiasing has no effect on either side. align_corners=True is APRIL-GAN's convention.
-    """
-    out = F.interpolate(
-        x.permute(0, 3, 1, 2), size=tuple(size), mode="bilinear", align_corners=align_corners
-    )
+    """Bilinear resize (B, H, W, C) -> (B, size[0], size[1], C), half-pixel centres as
+    jax.image.resize (upsampling only: no antialiasing); align_corners=True is APRIL-GAN's."""
+    out = F.interpolate(x.permute(0, 3, 1, 2), size=tuple(size), mode="bilinear",
+                        align_corners=align_corners)  # fmt: skip
     return out.permute(0, 2, 3, 1)
 
 
 def strip_pool(p_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column strips of (B, H, W, C): means over W -> (B, H, C) and over H -> (B, W, C).
-
-    These are the paper's Avg_Pool_{1×W} and Avg_Pool_{H×1} (Eq. 1).
-    """
+    """Avg_Pool_{1×W} and Avg_Pool_{H×1} (Eq. 1) of (B, H, W, C): (B, H, C) and (B, W, C)."""
     return p_hat.mean(dim=2), p_hat.mean(dim=1)
 
 
@@ -87,23 +68,22 @@ def rough_map(
     stage_logits: Sequence[torch.Tensor],
     image_size: int | Sequence[int],
     align_corners: bool = False,
+    average: str = "probabilities",
 ) -> torch.Tensor:
     """Rough anomaly map: mean over stages of softmax(bilinear(O_i to S×S))[..., 1].
 
     stage_logits: list of (B, H, W, 2); image_size: S or (S_h, S_w). Returns (B, S, S) in
-    [0, 1]. Averaging probabilities rather than logits keeps the map a probability (SPEC §2).
+    [0, 1]. Averaging probabilities rather than logits keeps the map a probability (docs/method.md §2);
+    average="logits" takes one softmax of the mean upsampled logits instead.
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    probs = [
-        torch.softmax(resize_bilinear_nhwc(o, size, align_corners), dim=-1)[..., 1]
-        for o in stage_logits
-    ]
+    upsampled = [resize_bilinear_nhwc(o, size, align_corners) for o in stage_logits]
+    if average == "logits":
+        return torch.softmax(torch.stack(upsampled, dim=0).mean(dim=0), dim=-1)[..., 1]
+    if average != "probabilities":
+        raise ValueError(f"average must be 'probabilities' or 'logits', got {average!r}")
+    probs = [torch.softmax(o, dim=-1)[..., 1] for o in upsampled]
     return torch.stack(probs, dim=0).mean(dim=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------------
 
 
 class GRUCell(nn.ModuleDict):
@@ -120,15 +100,9 @@ class GRUCell(nn.ModuleDict):
     """
 
     def __init__(self, features: int):
+        names = ("ir", "iz", "in", "hr", "hz", "hn")
         super().__init__(
-            {
-                "ir": nn.Linear(features, features, bias=True),
-                "iz": nn.Linear(features, features, bias=True),
-                "in": nn.Linear(features, features, bias=True),
-                "hr": nn.Linear(features, features, bias=False),
-                "hz": nn.Linear(features, features, bias=False),
-                "hn": nn.Linear(features, features, bias=True),
-            }
+            {n: nn.Linear(features, features, bias=n not in ("hr", "hz")) for n in names}
         )
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +126,7 @@ class StripBranch(nn.Module):
         if gru_reading not in GRU_READINGS:
             raise ValueError(f"gru_reading must be one of {GRU_READINGS}, got {gru_reading!r}")
         self.gru_reading = gru_reading
-        # Kernel 3 along the strip axis: mixes neighbouring rows (columns); SPEC §2 choice.
+        # Kernel 3 along the strip axis: mixes neighbouring rows (columns); docs/method.md §2 choice.
         self.conv = nn.Conv1d(text_dim, hidden_dim, kernel_size, padding=kernel_size // 2)
         self.text_query = nn.Linear(text_dim, hidden_dim)  # t¹: query of the first attention
         self.text_value = nn.Linear(text_dim, hidden_dim)  # t²: value of the second attention
@@ -206,11 +180,6 @@ class ScaleBranch(nn.Module):
         return l2_normalize(v_att + tokens).reshape(b, hg, wg, ch)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage and head
-# ---------------------------------------------------------------------------------------------
-
-
 class UMCIStage(nn.Module):
     """One UMCI module (Sec. 3.2, Eq. 1-6); the head holds one per encoder stage.
 
@@ -222,17 +191,10 @@ class UMCIStage(nn.Module):
     """
 
     def __init__(
-        self,
-        feature_dim: int = 1024,
-        text_dim: int = 768,
-        hidden_dim: int = 384,
-        pool_sizes: Sequence[int] = (3, 9),
-        paths: str = "both",
-        gru_reading: str = "carry",
-        shared_projection: bool = True,
-        strip_kernel: int = 3,
-        align_corners: bool = False,
-    ):
+        self, feature_dim: int = 1024, text_dim: int = 768, hidden_dim: int = 384,
+        pool_sizes: Sequence[int] = (3, 9), paths: str = "both", gru_reading: str = "carry",
+        shared_projection: bool = True, strip_kernel: int = 3, align_corners: bool = False,
+    ):  # fmt: skip
         super().__init__()
         self.align_corners = align_corners
         if paths not in PATHS:
@@ -284,11 +246,7 @@ class UMCIStage(nn.Module):
         """P̂ for (strip path, scale path, fusion); None for a path that is off."""
         if self.shared_projection:
             p_hat = self.projection(tokens)
-            return (
-                p_hat if self.use_strip else None,
-                p_hat if self.use_scale else None,
-                p_hat,
-            )
+            return p_hat if self.use_strip else None, p_hat if self.use_scale else None, p_hat
         return (
             self.projection_strip(tokens) if self.use_strip else None,
             self.projection_scale(tokens) if self.use_scale else None,

@@ -1,0 +1,71 @@
+"""The one loop that produces maps: batches of images → rough maps (CLIP + head) → MMR (SAM).
+
+Evaluation (exact and streaming metrics, panels, saved maps), prediction (files per image) and
+the benchmarks' timers all consume `refined_batches`; none has a loop of its own. Loading,
+JAX and SAM overlap here: the loader reads the next batch in threads, `rough_maps_ahead` keeps
+one batch of rough maps in flight on the device while SAM refines the current one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from clipsam_jax.config import RefineConfig
+from clipsam_jax.inference import RoughMapModel, rough_maps_ahead
+from clipsam_jax.refine.fusion import MMRResult, mmr_seeded
+
+
+class RefinedBatch(NamedTuple):
+    """One batch through the pipeline: the loader's `batch` dict as it came; `rough` float32
+    (B, S, S) in [0, 1]; B `results` (None each without a refiner); `wait_s`, seconds waited for
+    the rough maps (loading + CLIP + head not hidden behind SAM); `mmr_s`, seconds of MMR."""
+
+    batch: dict
+    rough: np.ndarray
+    results: list[MMRResult | None]
+    wait_s: float
+    mmr_s: float
+
+    def finals(self) -> np.ndarray | None:
+        """float32 (B, S, S) final maps, or None without a refiner."""
+        if not self.results or self.results[0] is None:
+            return None
+        return np.stack([r.final for r in self.results])
+
+
+def refined_batches(
+    batches: Iterable[dict],
+    model: RoughMapModel,
+    refiner,
+    refine: RefineConfig,
+    seed: int,
+) -> Iterator[RefinedBatch]:
+    """Each batch with its rough maps and MMR results. Image n's MMR points are seeded by
+    (`seed`, its index in the set), so results do not depend on the batching."""
+    ahead = rough_maps_ahead(batches, model)
+    while True:
+        began = time.perf_counter()
+        item = next(ahead, None)
+        if item is None:
+            return
+        batch, rough = item
+        ready = time.perf_counter()
+        results = mmr_seeded(rough, batch["rgb"], refiner, refine, seed, batch["indices"])
+        yield RefinedBatch(batch, rough, results, ready - began, time.perf_counter() - ready)
+
+
+class Callback(Protocol):
+    """What an evaluation tells its observers (timers, memory probes); each method optional:
+    on_class_start(name, samples), on_batch(name, RefinedBatch), on_class_end(name, result)."""
+
+
+def notify(callbacks: Iterable[object], event: str, *args) -> None:
+    """Call `event` (e.g. "on_batch") on each callback that has it."""
+    for callback in callbacks:
+        method = getattr(callback, event, None)
+        if method is not None:
+            method(*args)

@@ -110,7 +110,9 @@ class RefineConfig:
     sam_checkpoint: str | None = option(None, "SAM weights file, e.g. sam_vit_h_4b8939.pth")
     download_sam: bool = option(False, "fetch the official SAM checkpoint (hash prefix verified)")
     threshold: float = option(0.47, "rough-map binarization (Table 3)", minimum=0.0, maximum=1.0)
-    points: int = option(5, "m random anomalous points per image (choice)", minimum=1)
+    points: int = option(
+        5, "m random anomalous points per image (choice; 0: boxes only)", minimum=0
+    )
     point_sampling: Literal["shared", "per_component"] = option(
         "shared", "points shared by every box (choice), or drawn in each box's component"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import numpy as np
 
@@ -58,12 +58,12 @@ def refined_batches(
         yield RefinedBatch(batch, rough, results, ready - began, time.perf_counter() - ready)
 
 
-class Callback(Protocol):
-    """What an evaluation tells its observers (timers, memory probes); each method optional:
-    on_class_start(name, samples), on_batch(name, RefinedBatch), on_class_end(name, result)."""
+# An evaluation's observer (timer, memory probe): any object with some of the methods
+# on_class_start(name, samples), on_batch(name, RefinedBatch), on_class_end(name, result).
+Callback = object
 
 
-def notify(callbacks: Iterable[object], event: str, *args) -> None:
+def notify(callbacks: Iterable[Callback], event: str, *args) -> None:
     """Call `event` (e.g. "on_batch") on each callback that has it."""
     for callback in callbacks:
         method = getattr(callback, event, None)

@@ -246,7 +246,7 @@ def evaluate(
     config = resolve_paths(config)
     if model is None:
         check_inputs(config.clip, config.checkpoint, config.no_umci, config.clip_given,
-                     config.refine.sam_checkpoint)  # fmt: skip
+                     config.refine.sam_checkpoint, config.refine.sam != "none")  # fmt: skip
     dataset = load_dataset(config.dataset, config.data_root, classes=config.classes)
     if refiner is None:  # before CLIP: a missing SAM checkpoint fails at once
         refiner = build_refiner(config.refine, runtime)

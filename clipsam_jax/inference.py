@@ -155,7 +155,8 @@ NO_HEAD_HINT = " Or pass --no-umci for the zero-shot map (no trained head)."
 
 
 def check_inputs(clip_config: ClipConfig, checkpoint: str | None, no_umci: bool,
-                 clip_given: Sequence[str], sam_checkpoint: str | None = None) -> None:  # fmt: skip
+                 clip_given: Sequence[str], sam_checkpoint: str | None = None,
+                 sam: bool = True) -> None:  # fmt: skip
     """The input paths of an evaluation or prediction, checked before anything loads: the
     head's workdir, a local CLIP directory (when it is the one used), the SAM file."""
     if not no_umci:
@@ -164,7 +165,7 @@ def check_inputs(clip_config: ClipConfig, checkpoint: str | None, no_umci: bool,
         head_directory(checkpoint, NO_HEAD_HINT)
     if (no_umci or "model" in clip_given) and looks_local(clip_config.model):
         resolve_local(Path(clip_config.model).expanduser())
-    if sam_checkpoint is not None and not Path(sam_checkpoint).expanduser().exists():
+    if sam and sam_checkpoint is not None and not Path(sam_checkpoint).expanduser().exists():
         raise CheckpointError(f"--sam-checkpoint {sam_checkpoint}: no such file")
 
 

@@ -19,26 +19,16 @@ from clipsam_jax.errors import ConfigError
 _NO_DEFAULT = dataclasses.MISSING
 
 
-def option(
-    default: Any = _NO_DEFAULT,
-    help: str = "",
-    *,
-    flag: str | None = None,
-    choices: Sequence[Any] | None = None,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    multiple_of: int | None = None,
-    odd: bool = False,
-    inverted: bool = False,
-    cli: bool = True,
-) -> Any:
+def option(default: Any = _NO_DEFAULT, help: str = "", *, flag: str | None = None,
+           choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
+           minimum: float | None = None, maximum: float | None = None, odd: bool = False,
+           inverted: bool = False, cli: bool = True) -> Any:  # fmt: skip
     """A dataclass field with its flag: `flag` (default `--field-name`), `help`, `choices`
-    (default: the field's `Literal` values), the valid range [`minimum`, `maximum`],
-    `multiple_of` / `odd` constraints; `inverted` for a bool whose flag turns it off (for
-    example `--no-feature-cache` for `feature_cache=True`); `cli=False` for a field without a
-    flag (set in code or by another field's flag)."""
+    (default: the field's `Literal` values; a callable is read when the flags are made), the
+    valid range [`minimum`, `maximum`], `odd`; `inverted` for a bool whose flag turns it off
+    (`--no-feature-cache` for `feature_cache=True`); `cli=False` for a field without a flag."""
     metadata = dict(help=help, flag=flag, choices=choices, minimum=minimum, maximum=maximum,
-                    multiple_of=multiple_of, odd=odd, inverted=inverted, cli=cli)  # fmt: skip
+                    odd=odd, inverted=inverted, cli=cli)  # fmt: skip
     if default is _NO_DEFAULT:
         return dataclasses.field(metadata=metadata)
     if dataclasses.is_dataclass(default) or isinstance(default, (list, dict, set)):
@@ -99,8 +89,6 @@ def _problem(spec: _Spec, value: Any) -> str | None:
             return f"must be >= {meta['minimum']}, got {item}"
         if meta["maximum"] is not None and item > meta["maximum"]:
             return f"must be <= {meta['maximum']}, got {item}"
-        if meta["multiple_of"] and item % meta["multiple_of"]:
-            return f"must be a multiple of {meta['multiple_of']}, got {item}"
         if meta["odd"] and item % 2 == 0:
             return f"must be odd, got {item}"
     return None

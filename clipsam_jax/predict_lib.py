@@ -281,7 +281,7 @@ def predict(
         logger.warning("--no-umci: the head in %s is not used", config.checkpoint)
     if model is None:  # the paths first; SAM before CLIP: a missing SAM file fails at once
         check_inputs(config.clip, config.checkpoint, config.no_umci, config.clip_given,
-                     config.refine.sam_checkpoint)  # fmt: skip
+                     config.refine.sam_checkpoint, config.refine.sam != "none")  # fmt: skip
         refiner = refiner or build_refiner(config.refine, runtime)
         model = load_rough_map_model(config.clip, config.checkpoint, config.no_umci,
                                      config.batch_size, config.clip_given, runtime)  # fmt: skip

@@ -79,12 +79,14 @@ def _comparable(values: dict) -> dict:
 
 def check_workdir(config: TrainConfig) -> None:
     """Refuse a workdir that cannot hold this run: a file, or a run of another config (one with
-    checkpoints). Writes nothing: `record_config` does, once the inputs have checked out, so a
-    run that fails before that never blocks a corrected rerun."""
+    checkpoints). Writes nothing: `train` writes config.json once the inputs have checked out,
+    so a run that fails before that never blocks a corrected rerun."""
     workdir = Path(config.workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file; give a folder for the run")
-    saved_path, trained = workdir / "config.json", _has_checkpoints(workdir)
+    folder = workdir / "checkpoints"
+    trained = folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+    saved_path = workdir / "config.json"
     if saved_path.is_file() and trained:
         saved = json.loads(saved_path.read_text())
         with contextlib.suppress(ValueError, TypeError):  # older layouts (from_dict migrates)
@@ -99,18 +101,6 @@ def check_workdir(config: TrainConfig) -> None:
             )
     elif trained:
         raise ConfigError(f"{workdir} has checkpoints but no config.json; use another --workdir")
-
-
-def _has_checkpoints(workdir: Path) -> bool:
-    folder = workdir / "checkpoints"
-    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
-
-
-def record_config(config: TrainConfig) -> None:
-    """Write the run's config.json (atomically), which later runs in the workdir must match."""
-    workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_atomic(workdir / "config.json", json.dumps(config_lib.to_dict(config), indent=2))
 
 
 def training_samples(config: TrainConfig) -> list[Sample]:
@@ -206,7 +196,9 @@ def train(
                         normalization=config.clip.prompt_normalization)  # fmt: skip
     with hold(workdir, "training"):  # one live run per workdir
         check_workdir(config)  # again, under the lock: another run may have started meanwhile
-        record_config(config)  # the inputs checked out: the workdir now holds this run
+        # The inputs checked out: the workdir now holds this run's config, which later runs
+        # in it must match.
+        write_atomic(workdir / "config.json", json.dumps(config_lib.to_dict(config), indent=2))
         return _run(config, runtime, clip, text, samples, progress, on_step)
 
 

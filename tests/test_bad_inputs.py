@@ -80,7 +80,7 @@ CASES = {
                         "nodata"),
     "threshold above 1": (EVAL, lambda w: _eval(w, "--threshold", "1.5"), "--threshold"),
     "threshold below 0": (EVAL, lambda w: _eval(w, "--threshold", "-1"), "--threshold"),
-    "points negative": (EVAL, lambda w: _eval(w, "--points", "-3"), "--points: must be >= 1"),
+    "points negative": (EVAL, lambda w: _eval(w, "--points", "-3"), "--points: must be >= 0"),
     "no --test": (EVAL, lambda w: _eval(w)[2:], "--test"),
     "unknown class": (EVAL, lambda w: _eval(w, "--classes", "nope"), "nope"),
     # The SAM file is checked before CLIP loads: with an unreachable hub id as --clip, the

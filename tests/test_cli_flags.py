@@ -124,6 +124,7 @@ ROWS = [
     ("eval", ["--threshold", "0.3"], "refine.threshold", 0.3),
     ("eval", ["--connectivity", "4"], "refine.connectivity", 4),
     ("eval", ["--points", "3"], "refine.points", 3),
+    ("eval", ["--points", "0"], "refine.points", 0),  # boxes only
     ("eval", ["--point-sampling", "per_component"], "refine.point_sampling", "per_component"),
     ("eval", ["--fusion-norm", "minmax"], "refine.fusion_norm", "minmax"),
     ("eval-args", ["--demo"], "demo", True),
@@ -207,7 +208,7 @@ def test_strip_kernel_must_be_odd_and_positive(value, capsys):
         ("train", [], "--train", "required"),
         ("eval", ["--test", "visa", "--threshold", "1.5"], "--threshold", "must be <= 1"),
         ("eval", ["--test", "visa", "--threshold", "-1"], "--threshold", "must be >= 0"),
-        ("eval", ["--test", "visa", "--points", "-3"], "--points", "must be >= 1"),
+        ("eval", ["--test", "visa", "--points", "-3"], "--points", "must be >= 0"),
         ("eval", ["--test", "visa", "--connectivity", "6"], "--connectivity", "must be one of 4, 8"),
         ("eval", [], "--test", "required"),
         ("predict", ["i", "--output", "o", "--mask-threshold", "2"], "--mask-threshold", "<= 1"),

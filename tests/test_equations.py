@@ -251,3 +251,142 @@ def test_mmr_result_is_frozen_and_batch_refiner_must_answer_every_image():
     with pytest.raises(ValueError) as info:
         mmr_batch(roughs, images[:1], OneMaskPerBox(), config, rngs)
     assert str(info.value) == "batch sizes differ: 2, 1, 2"
+
+
+# ----------------------------------------------------------------------------- UMCI module defaults
+# build_head passes every field, but UMCIHead / UMCIStage are public Flax modules: built directly
+# they must default to the paper's settings (Sec. 4.1, Table 3), which are also HeadConfig's.
+
+
+def test_umci_module_defaults_are_the_papers_settings():
+    import dataclasses
+
+    from clipsam_jax.config import HeadConfig
+    from clipsam_jax.models.umci import UMCIHead, UMCIStage
+
+    papers = dict(hidden_dim=384, pool_sizes=(3, 9), paths="both", gru_reading="carry",
+                  shared_projection=True, conv_impl="auto", strip_kernel=3,
+                  align_corners=False)  # fmt: skip
+    config = HeadConfig()
+    for module in (UMCIHead, UMCIStage):
+        defaults = {f.name: f.default for f in dataclasses.fields(module)}
+        for name, value in papers.items():
+            assert defaults[name] == value and type(defaults[name]) is type(value), (module, name)
+            if name != "conv_impl":
+                got = getattr(config, name)
+                assert (tuple(got) if name == "pool_sizes" else got) == value, name
+        assert defaults["dtype"] is jnp.float32
+    assert {f.name: f.default for f in dataclasses.fields(UMCIHead)}["num_stages"] == 4
+    # the building blocks, also always given every field by UMCIStage
+    from clipsam_jax.models.layers import Conv1D, Conv2D
+    from clipsam_jax.models.umci import ScaleBranch, StripBranch
+
+    for module, expected in ((StripBranch, dict(gru_reading="carry", kernel_size=3)),
+                             (ScaleBranch, dict(conv_impl="auto")),
+                             (Conv2D, dict(kernel_size=3, impl="auto")),
+                             (Conv1D, dict(kernel_size=3))):  # fmt: skip
+        defaults = {f.name: f.default for f in dataclasses.fields(module)}
+        assert {name: defaults[name] for name in expected} == expected, module
+
+
+def test_umci_head_stage_count_message_exact():
+    import jax
+
+    from clipsam_jax.models.umci import UMCIHead
+
+    tokens, text = jnp.zeros((1, 3, 3, 4)), jnp.zeros((1, 2, 4))
+    with pytest.raises(ValueError) as error:
+        UMCIHead(text_dim=4, num_stages=2, hidden_dim=2).init(jax.random.PRNGKey(0), [tokens], text)
+    assert error.value.args[0] == "expected 2 feature maps, got 1"  # JAX appends a note to str()
+
+
+def test_conv1d_kernel_5_against_a_numpy_loop():
+    """--strip-kernel 5: zero 'same' padding of k // 2 = 2 on each side (a loop over taps)."""
+    import jax
+
+    from clipsam_jax.models.layers import Conv1D
+
+    x = np.random.default_rng(0).normal(size=(2, 7, 3)).astype(np.float32)
+    conv = Conv1D(features=4, kernel_size=5)
+    params = conv.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    kernel = np.asarray(params["params"]["kernel"], np.float64)  # (5, 3, 4)
+    bias = np.random.default_rng(1).normal(size=4)
+    params = {
+        "params": {"kernel": params["params"]["kernel"], "bias": jnp.asarray(bias, jnp.float32)}
+    }
+    expected = np.empty((2, 7, 4))
+    for b in range(2):
+        for pos in range(7):
+            acc = bias.copy()
+            for tap in range(5):
+                src = pos + tap - 2
+                if 0 <= src < 7:
+                    acc += x[b, src].astype(np.float64) @ kernel[tap]
+            expected[b, pos] = acc
+    np.testing.assert_allclose(conv.apply(params, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape_in, size_out", [((2, 1, 4, 3), (6, 4)), ((2, 3, 1, 2), (3, 7))])
+def test_resize_align_corners_from_one_pixel_copies_it(shape_in, size_out):
+    """align_corners=True samples input index o·(in-1)/(out-1) = 0 when in = 1 (PyTorch's rule):
+    the single row / column is copied to every output row / column."""
+    from clipsam_jax.models.layers import resize_bilinear
+
+    x = np.random.default_rng(0).normal(size=shape_in).astype(np.float32)
+    out = np.asarray(resize_bilinear(jnp.asarray(x), *size_out, align_corners=True))
+    expected = np.broadcast_to(x, (shape_in[0], *size_out, shape_in[3]))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+
+
+def test_umci_stage_sows_the_documented_intermediates():
+    """models/umci.py's docstring: v_row, M_row_col, M_g, M_g1_g2, M_all are returned by
+    apply(..., mutable="intermediates"), with the shapes of Eq. 1-5."""
+    import jax
+
+    from clipsam_jax.models.umci import UMCIStage
+
+    tokens, text = jnp.ones((1, 9, 9, 5)), jnp.ones((1, 2, 4))
+    stage = UMCIStage(text_dim=4, hidden_dim=2, pool_sizes=(3, 9))
+    params = stage.init(jax.random.PRNGKey(0), tokens, text)
+    _, state = stage.apply(params, tokens, text, mutable="intermediates")
+    shapes = jax.tree.map(lambda x: x.shape, state["intermediates"])
+    assert shapes == {
+        "strip_row": {"v": ((1, 9, 2),)}, "strip_col": {"v": ((1, 9, 2),)},
+        "M_row_col": ((1, 9, 9, 2),),
+        "scale_0": {"M_g": ((1, 3, 3, 2),)}, "scale_1": {"M_g": ((1, 1, 1, 2),)},
+        "M_g1_g2": ((1, 9, 9, 2),), "M_all": ((1, 9, 9, 4),),
+    }  # fmt: skip
+
+
+def test_resize_bilinear_default_is_half_pixel():
+    """[0, 1] enlarged to 4 with half-pixel centres: output o samples (o + 0.5)/2 - 0.5, i.e.
+    -0.25, 0.25, 0.75, 1.25, clamped at the edges → 0, 0.25, 0.75, 1 (align_corners would give
+    0, 1/3, 2/3, 1)."""
+    from clipsam_jax.models.layers import resize_bilinear
+
+    x = jnp.asarray([0.0, 1.0]).reshape(1, 1, 2, 1)
+    out = np.asarray(resize_bilinear(x, 1, 4)).ravel()
+    np.testing.assert_allclose(out, [0.0, 0.25, 0.75, 1.0], atol=1e-6)
+
+
+def test_scale_branch_rejects_a_grid_shorter_than_the_pool():
+    """The check covers both sides of the token grid: 2 rows < pool 3 even with 9 columns."""
+    import jax
+
+    from clipsam_jax.models.umci import ScaleBranch
+
+    with pytest.raises(ValueError) as error:
+        ScaleBranch(hidden_dim=2, pool_size=3).init(
+            jax.random.PRNGKey(0), jnp.ones((1, 2, 9, 4)), jnp.ones((1, 2, 4))
+        )
+    assert error.value.args[0].startswith("a 2x9 token grid is smaller than the pool size 3")
+
+
+def test_conv2d_unknown_impl_message_exact():
+    import jax
+
+    from clipsam_jax.models.layers import Conv2D
+
+    with pytest.raises(ValueError) as error:
+        Conv2D(2, 3, "bogus").init(jax.random.PRNGKey(0), jnp.ones((1, 3, 3, 1)))
+    assert error.value.args[0] == "unknown conv impl 'bogus'"

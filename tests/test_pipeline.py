@@ -182,3 +182,27 @@ def test_invalid_arguments(samples):
     with pytest.raises(ValueError):
         BatchLoader(samples, S, 2, mosaic_prob=1.5)
     assert list(BatchLoader([], S, 2)) == []
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_mask_follows_its_exif_turned_image(tmp_path, orientation):
+    """An image with an EXIF orientation tag is read turned as displayed; its mask, drawn on the
+    stored pixels without a tag of its own, is turned alike, so the two stay aligned."""
+    from PIL import Image
+
+    from clipsam_jax.data.pipeline import decode_sample
+    from clipsam_jax.data.types import Sample
+
+    stored = np.zeros((20, 30, 3), np.uint8)
+    stored[:5, :5] = 255  # a bright corner, and the mask marks exactly it
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation  # 3: turned 180°, 6: turned 90° clockwise
+    image.save(tmp_path / "part.png", exif=exif)
+    Image.fromarray(stored[..., 0]).save(tmp_path / "part_mask.png")
+    rgb, mask = decode_sample(
+        Sample(tmp_path / "part.png", tmp_path / "part_mask.png", "x", "d", 1)
+    )
+    assert rgb.shape[:2] == mask.shape == ((20, 30) if orientation == 3 else (30, 20))
+    np.testing.assert_array_equal(rgb[..., 0] > 128, mask)
+    assert not mask[:5, :5].any()  # turned: the corner is no longer at the top left

@@ -25,8 +25,11 @@ _IGNORED_SOURCE_KEYS = (
 
 def describe_file(path: str | Path) -> str:
     """What the first bytes of `path` look like, in words, for error messages."""
-    with open(path, "rb") as handle:
-        head = handle.read(64)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError as error:
+        return f"no readable file ({error.strerror})"
     if not head:
         return "an empty file"
     if head.startswith(b"PK\x03\x04"):

@@ -31,7 +31,9 @@ class ImageConversionWarning(UserWarning):
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the stored pixels are turned
 
 
-def _open(path: str | PathLike) -> Image.Image:
+def _open(path: str | PathLike, orientation: int = 1) -> Image.Image:
+    """The decoded image as every viewer shows it: its EXIF orientation tag (cameras, phones)
+    applied, or `orientation` when it has none (a mask drawn on its tagged image's pixels)."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
@@ -45,8 +47,15 @@ def _open(path: str | PathLike) -> Image.Image:
         ) from error
     if image.width == 0 or image.height == 0:
         raise ImageReadError(f"{path}: image has zero size ({image.width}x{image.height})")
-    # As every image viewer shows it: an EXIF orientation tag (cameras, phones) applied.
+    if orientation != 1 and not image.getexif().get(EXIF_ORIENTATION):
+        image.getexif()[EXIF_ORIENTATION] = orientation  # turned as its image is
     return ImageOps.exif_transpose(image)
+
+
+def exif_orientation(path: str | PathLike) -> int:
+    """The EXIF orientation tag of an image file (1, as stored, when it has none)."""
+    with Image.open(path) as image:
+        return image.getexif().get(EXIF_ORIENTATION) or 1
 
 
 def pil_to_rgb(image: Image.Image, source: str = "<array>") -> np.ndarray:
@@ -94,13 +103,15 @@ def image_size(path: str | PathLike) -> tuple[int, int]:
         raise ImageReadError(f"{path}: cannot decode this image ({error})") from error
 
 
-def read_mask(path: str | PathLike, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+def read_mask(path: str | PathLike, expected_hw: tuple[int, int] | None = None,
+              orientation: int = 1) -> np.ndarray:  # fmt: skip
     """Decode a ground-truth mask → bool (H, W), True where any channel is > 0 (docs/method.md §5).
 
-    VisA masks hold defect ids 1..N rather than 255, hence `> 0`. With `expected_hw`, a mask
-    whose size differs from its image's raises `ImageReadError` naming both sizes.
+    VisA masks hold defect ids 1..N rather than 255, hence `> 0`. A mask without an EXIF tag of
+    its own is turned by `orientation`, its image's tag, so the two stay aligned. With
+    `expected_hw`, a mask whose size differs from its image's raises `ImageReadError`.
     """
-    values = np.asarray(_open(path))
+    values = np.asarray(_open(path, orientation))
     mask = values > 0
     if mask.ndim == 3:
         mask = mask.any(axis=-1)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from clipsam_jax.data.image_io import (
+    exif_orientation,
     normalize,
     preprocess,
     read_image,
@@ -40,7 +41,7 @@ def decode_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
     rgb = read_image(sample.image_path)
     if sample.mask_path is None:
         return rgb, None
-    return rgb, read_mask(sample.mask_path, expected_hw=rgb.shape[:2])
+    return rgb, read_mask(sample.mask_path, rgb.shape[:2], exif_orientation(sample.image_path))
 
 
 def load_sample(

@@ -60,7 +60,7 @@ def time_case(batch: int, grid: int, feature_dim: int, text_dim: int, hidden_dim
     pools = (3, 9) if grid >= 18 else (2, 4)
     config = HeadConfig(hidden_dim=hidden_dim, pool_sizes=pools)
     heads = {impl: build_head(config, text_dim, conv_impl=impl) for impl in IMPLS}
-    params = init_params(heads["xla"], seed, [t.shape for t in tokens], text.shape)
+    params = init_params(heads["xla"], seed, [t.shape for t in tokens], text.shape, config.init)
     fns, outputs = {}, {}
     forms = {**{impl: (head, None) for impl, head in heads.items()},
              YNN_SINGLE_DOTS: (heads["xla"], YNN_SINGLE_DOTS_OPTIONS)}  # fmt: skip

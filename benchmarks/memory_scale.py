@@ -223,7 +223,7 @@ def build_model(spec: dict):
         grid, stages = clip.grid, len(clip.feature_layers)
         head_params = init_params(build_head(head_config, clip.text_dim, stages), 0,
                                   [(1, grid, grid, clip.feature_dim)] * stages,
-                                  (1, 2, clip.text_dim))  # fmt: skip
+                                  (1, 2, clip.text_dim), head_config.init)  # fmt: skip
     model = RoughMapModel(clip, text, head_config, head_params, spec["batch"], clip_config)
     return model, clip_config
 

@@ -220,7 +220,8 @@ def setup(run: Run, values: dict, state: dict) -> None:
     head_config = HeadConfig(hidden_dim=16, pool_sizes=(2, 4)) if args.quick else HeadConfig()
     grid = clip.grid
     head_params = init_params(build_head(head_config, clip.text_dim), 0,
-                              [(1, grid, grid, clip.feature_dim)] * 4, (1, 2, clip.text_dim))  # fmt: skip
+                              [(1, grid, grid, clip.feature_dim)] * 4, (1, 2, clip.text_dim),
+                              head_config.init)  # fmt: skip
     began = time.perf_counter()
     text = TextFeatures(clip, cache_dir=str(work / "cache"))
     text.batch(sorted({s.class_name for s in samples}))

@@ -114,8 +114,10 @@ def initial_params(dims: dict, batch: dict, seed: int) -> dict:
     from clipsam_jax.models.heads import build_head
     from clipsam_jax.models.init import init_params
 
-    head = build_head(head_config(dims), dims["text_dim"], dims["stages"], conv_impl="xla")
-    return init_params(head, seed, [t.shape for t in batch["tokens"]], batch["text"].shape)
+    config = head_config(dims)
+    head = build_head(config, dims["text_dim"], dims["stages"], conv_impl="xla")
+    return init_params(head, seed, [t.shape for t in batch["tokens"]], batch["text"].shape,
+                       config.init)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ JAX step

@@ -66,6 +66,10 @@ class HeadConfig:
     stage_average: Literal["probabilities", "logits"] = option(
         "probabilities", "rough map O (Eq. 6): mean of the stages' probabilities (choice: "
         "stays in [0, 1] for the threshold) or softmax of the mean logits")  # fmt: skip
+    init: Literal["pytorch", "flax"] = option(
+        "pytorch", "initial distribution of the head's parameters (choice: PyTorch's layer "
+        "defaults, as the authors' code base would have; flax: LeCun-normal kernels, zero "
+        "biases, orthogonal GRU kernels)")  # fmt: skip
 
 
 @dataclass(frozen=True)

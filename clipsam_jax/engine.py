@@ -36,6 +36,20 @@ class RefinedBatch(NamedTuple):
             return None
         return np.stack([r.final for r in self.results])
 
+    # The image scores of docs/method.md §5.2, the one definition eval and predict both use.
+    def rough_scores(self) -> np.ndarray:
+        """float32 (B,) image scores of the rough maps: each map's maximum."""
+        return self.rough.max(axis=(1, 2))
+
+    def final_scores(self) -> np.ndarray | None:
+        """float32 (B,) image scores of the final maps, or None without a refiner: each fused
+        map's peak BEFORE Norm (`MMRResult.image_score`; the rough map's maximum for an image
+        without prompts). After the default Norm every refined map peaks at 1.0, so the final
+        map's own maximum would tie those images."""
+        if not self.results or self.results[0] is None:
+            return None
+        return np.array([r.image_score for r in self.results], np.float32)
+
 
 def refined_batches(
     batches: Iterable[dict],

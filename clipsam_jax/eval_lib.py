@@ -60,9 +60,17 @@ def _json_safe(values: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
 
 
+# Bumped when a metric's definition changes, so that class records of an older definition are
+# recomputed rather than mixed in (2: image score = the final map's pre-Norm peak, image label =
+# the dataset's annotation).
+METRICS_DEFINITION = 2
+
+
 def _class_key(config: EvalConfig, model: RoughMapModel) -> str:
-    """Identity of a class result: everything that changes the maps, not where they go."""
+    """Identity of a class result: everything that changes the maps or their metrics, not
+    where they go."""
     values = config_lib.to_dict(dataclasses.replace(config, output=None, classes=None))
+    values["metrics_definition"] = METRICS_DEFINITION
     values["clip_fingerprint"] = model.clip.fingerprint
     values["head"] = None if model.head_config is None else dataclasses.asdict(model.head_config)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -92,12 +100,26 @@ def _class_entry(samples: list[Sample]) -> dict:
 
 
 class ClassMaps(NamedTuple):
-    """One class's maps as evaluated: `rough`, `final` (None without SAM) float16 (N, S, S),
-    `masks` bool (N, S, S)."""
+    """One class's maps as evaluated (or one batch of them): `rough`, `final` (None without
+    SAM) float16 (N, S, S), `masks` bool (N, S, S) for the pixel metrics; for the image metrics
+    (docs/method.md §5.2) `labels` bool (N,), the dataset's annotation (`Sample.label`, not
+    the resized mask, where a small defect can vanish), and the image scores `rough_scores`
+    float16 (N,) (each rough map's maximum) and `final_scores` float32 (N,) (each fused map's
+    peak before Norm; None without SAM)."""
 
     rough: np.ndarray
     final: np.ndarray | None
     masks: np.ndarray
+    labels: np.ndarray
+    rough_scores: np.ndarray
+    final_scores: np.ndarray | None
+
+    def stages(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{"rough": (maps, image scores)[, "final": (maps, image scores)]}."""
+        stages = {"rough": (self.rough, self.rough_scores)}
+        if self.final is not None:
+            stages["final"] = (self.final, self.final_scores)
+        return stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +144,10 @@ def evaluate_class(name: str, samples: list[Sample], run: ClassRun) -> dict:
 
 def _class_batches(
     name: str, samples: list[Sample], run: ClassRun
-) -> Iterator[tuple[RefinedBatch, np.ndarray, np.ndarray | None]]:
-    """The class's batches through `engine.refined_batches`, each with its rough and final
-    maps as evaluated (float16 (B, S, S); final None without SAM), after its panels are written
-    and the callbacks told. Maps are kept in float16, as saved with --save-maps, so saved maps
+) -> Iterator[tuple[RefinedBatch, ClassMaps]]:
+    """The class's batches through `engine.refined_batches`, each with its maps, masks, labels
+    and image scores as evaluated (`ClassMaps` of the batch), after its panels are written and
+    the callbacks told. Maps are kept in float16, as saved with --save-maps, so saved maps
     reproduce metrics.json exactly (the rounding moves AUROC by < 1e-4)."""
     config = run.config
     panels = _panel_indices(samples, config.visualize_per_class)
@@ -143,22 +165,33 @@ def _class_batches(
                                 rough[i], None if final is None else final[i],
                                 step.batch["masks"][i], step.results[i])  # fmt: skip
             notify(run.callbacks, "on_batch", name, step)
-            yield step, rough, final
+            # The rough score is the max of the float16 map as scored (rounding is monotonic,
+            # so rounding the float32 maximum gives it without another pass over the maps).
+            yield step, ClassMaps(rough, final, step.batch["masks"],
+                                  np.asarray(step.batch["labels"]).astype(bool),
+                                  step.rough_scores().astype(np.float16),
+                                  step.final_scores())  # fmt: skip
             bar.update(len(step.batch["indices"]))
 
 
 def class_maps(name: str, samples: list[Sample], run: ClassRun) -> ClassMaps:
-    """The rough (and final) maps of one class and its masks, writing its panels."""
+    """The rough (and final) maps of one class, its masks, labels and image scores, writing its
+    panels."""
     size, count = run.model.clip.image_size, len(samples)
+    sam = run.refiner is not None
     rough = np.zeros((count, size, size), np.float16)
-    final = np.zeros((count, size, size), np.float16) if run.refiner is not None else None
+    final = np.zeros((count, size, size), np.float16) if sam else None
     masks = np.zeros((count, size, size), bool)
-    for step, batch_rough, batch_final in _class_batches(name, samples, run):
+    labels = np.zeros(count, bool)
+    rough_scores = np.zeros(count, np.float16)
+    final_scores = np.zeros(count, np.float32) if sam else None
+    for step, batch in _class_batches(name, samples, run):
         indices = step.batch["indices"]
-        rough[indices], masks[indices] = batch_rough, step.batch["masks"]
+        rough[indices], masks[indices], labels[indices] = batch.rough, batch.masks, batch.labels
+        rough_scores[indices] = batch.rough_scores
         if final is not None:
-            final[indices] = batch_final
-    return ClassMaps(rough, final, masks)
+            final[indices], final_scores[indices] = batch.final, batch.final_scores
+    return ClassMaps(rough, final, masks, labels, rough_scores, final_scores)
 
 
 def class_result(
@@ -166,25 +199,28 @@ def class_result(
 ) -> dict:
     """Exact metrics of one class's maps (and maps/<class>.npz with --save-maps)."""
     entry = _class_entry(samples)
-    stages = {"rough": maps.rough}
-    if maps.final is not None:
-        stages["final"] = maps.final
     # The two stages' metrics in parallel: their sorts and reductions release the GIL, and
     # they are host time during which the accelerator idles (0.13 s per stage for a 20-image
     # class at 518², 1.2 s for 200 images). Their temporaries (about 325 MiB per 200 maps of
     # 518²) are then held twice at once; the maps themselves are not copied.
+    stages = maps.stages()
     with ThreadPoolExecutor(len(stages), thread_name_prefix="metrics") as pool:
-        futures = {stage: pool.submit(compute_metrics, values, maps.masks, config.pro_mode)
-                   for stage, values in stages.items()}  # fmt: skip
+        futures = {stage: pool.submit(compute_metrics, values, maps.masks, config.pro_mode,
+                                      image_scores=scores, labels=maps.labels)
+                   for stage, (values, scores) in stages.items()}  # fmt: skip
     result = {stage: {**_json_safe(future.result()), **entry} for stage, future in futures.items()}
     if config.save_maps:
+        # With the image scores and labels, compute_metrics(npz[stage], npz["masks"],
+        # image_scores=npz[stage + "_scores"], labels=npz["labels"]) is metrics.json's entry.
         arrays = {
             "rough": maps.rough,
+            "rough_scores": maps.rough_scores,
             "masks": maps.masks,
+            "labels": maps.labels,
             "paths": np.array([str(s.image_path) for s in samples]),
         }
         if maps.final is not None:
-            arrays["final"] = maps.final
+            arrays["final"], arrays["final_scores"] = maps.final, maps.final_scores
         (output / "maps").mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
@@ -194,7 +230,8 @@ def class_result(
 
 def _evaluate_class_streaming(name: str, samples: list[Sample], run: ClassRun) -> dict:
     """`evaluate_class` in constant memory: binned APPROXIMATE pixel metrics (exact image
-    metrics), no saved maps; for classes too large to hold their maps."""
+    metrics, from the same image scores and labels as the exact path), no saved maps; for
+    classes too large to hold their maps."""
     config = run.config
     if config.save_maps:
         raise ConfigError("--save-maps needs --metrics exact (streaming keeps no maps)")
@@ -205,10 +242,9 @@ def _evaluate_class_streaming(name: str, samples: list[Sample], run: ClassRun) -
     stages = {"rough": StreamingPixelMetrics()}
     if run.refiner is not None:
         stages["final"] = StreamingPixelMetrics()
-    for step, rough, final in _class_batches(name, samples, run):
-        stages["rough"].update(rough, step.batch["masks"])
-        if final is not None:
-            stages["final"].update(final, step.batch["masks"])
+    for _, batch in _class_batches(name, samples, run):
+        for stage, (values, scores) in batch.stages().items():
+            stages[stage].update(values, batch.masks, image_scores=scores, labels=batch.labels)
     entry = {**_class_entry(samples), "exact": False}
     return {stage: {**_json_safe(acc.compute()), **entry} for stage, acc in stages.items()}
 

@@ -14,9 +14,13 @@ images) → per image, in the output folder:
 - `<name>_overlay.png`: the map's JET heatmap blended over the image.
 - `<name>_result.json`: scores, box count, file names and the model settings.
 
-`score` is the image score of docs/method.md §5 (the maximum of the map) taken on the saved map, so it
-equals the maximum of `<name>_map.npy`; bilinear upsampling never exceeds the grid's maximum, so
-it can sit slightly below the S×S maximum that `eval.main` uses, which `grid_score` reports.
+`score` is the image score of docs/method.md §5.2, the one `eval.main` scores images by
+(`engine.RefinedBatch.final_scores` / `rough_scores`): with SAM, the peak of the fused S×S map
+BEFORE Norm (after the default Norm every refined map peaks at 1.0); without SAM, the maximum of
+the S×S rough map. `rough_score` is the rough map's score (its S×S maximum, also in
+`rough_grid_score`). The JSON also holds `grid_score`, the maximum of the written S×S map (after
+Norm), and `map_max`, the maximum of the saved map at the original resolution (bilinear
+upsampling never exceeds the grid's maximum).
 
 `<name>` is the input file's stem; with `recursive`, sub-folders are joined in with "__"
 (`a/b/x.png` → `a__b__x`), and names that still collide (case-insensitively: `x.png` and
@@ -223,19 +227,19 @@ def _check_output(output: Path, inputs: Path) -> None:
 
 def _predict_image(
     index: int, rgb: np.ndarray, rough: np.ndarray, result: MMRResult | None,
-    config: PredictConfig, job: dict,
+    scores: tuple[float, float], config: PredictConfig, job: dict,
 ) -> dict:  # fmt: skip
     """The files of one image; returns its result entry.
 
     rgb uint8 (H, W, 3) original image; rough float32 (S, S) rough map; result its MMR (None
-    without SAM); `job` holds the run-wide values (output folder, names, threshold, settings).
+    without SAM); scores (image score, rough image score) as `engine.RefinedBatch` defines them;
+    `job` holds the run-wide values (output folder, names, threshold, settings).
     """
     final, boxes = rough, 0
     if result is not None:
         final, boxes = result.final, result.prompts.num_boxes
     height, width = rgb.shape[:2]
     values = resize_map(final, height, width)
-    rough_full = resize_map(rough, height, width) if result is not None else values
     if config.map_format == "png" and (values.min() < 0.0 or values.max() > 1.0):
         logger.warning("%s: map values outside [0, 1] are clipped in the 16-bit PNG; use "
                        "--map-format npy to keep them", job["paths"][index])  # fmt: skip
@@ -245,8 +249,9 @@ def _predict_image(
     entry = {
         "image": str(job["paths"][index]), "image_size": [height, width],
         "class_name": config.class_name or None, "prompt_object": job["prompt_object"],
-        "score": float(values.max()), "rough_score": float(rough_full.max()),
+        "score": float(scores[0]), "rough_score": float(scores[1]),
         "grid_score": float(np.max(final)), "rough_grid_score": float(np.max(rough)),
+        "map_max": float(values.max()),
         "sam_boxes": int(boxes), "files": files, "map_format": config.map_format,
         "map_scale": job["map_scale"], "mask_threshold": job["threshold"],
         "model": job["model"],
@@ -321,9 +326,14 @@ def predict(
     try:
         for step in refined_batches(batches, model, refiner, config.refine, config.seed):
             # MMR seeded by the image's position in the sorted list of paths.
-            for index, rgb, rough, result in zip(step.batch["indices"], step.batch["rgb"],
-                                                 step.rough, step.results, strict=True):  # fmt: skip
-                entry = _predict_image(index, rgb, rough, result, config, job)
+            rough_scores = step.rough_scores()
+            final_scores = step.final_scores()
+            scores = rough_scores if final_scores is None else final_scores
+            for i, (index, rgb, rough, result) in enumerate(zip(
+                step.batch["indices"], step.batch["rgb"], step.rough, step.results, strict=True
+            )):  # fmt: skip
+                entry = _predict_image(index, rgb, rough, result, (scores[i], rough_scores[i]),
+                                       config, job)  # fmt: skip
                 rows[index] = {"path": entry["image"], "score": entry["score"],
                                "rough_score": entry["rough_score"],
                                "sam_boxes": entry["sam_boxes"], "name": job["names"][index]}  # fmt: skip

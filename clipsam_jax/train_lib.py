@@ -220,8 +220,9 @@ def _run(config: TrainConfig, runtime: RuntimeConfig, clip: ClipModel, text: Tex
     )
     grid = clip.grid
     params = init_params(
-        head, config.seed, [(1, grid, grid, clip.feature_dim)] * num_stages, (1, 2, clip.text_dim)
-    )
+        head, config.seed, [(1, grid, grid, clip.feature_dim)] * num_stages,
+        (1, 2, clip.text_dim), config.head.init,
+    )  # fmt: skip
     state = create_state(params, optimizer)
     checkpointer = HeadCheckpointer(workdir, config.max_to_keep)
     resumed_from = checkpointer.latest_step()

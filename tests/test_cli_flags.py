@@ -93,6 +93,7 @@ ROWS = [
     ("train", ["--pool-sizes", "2,4"], "head.pool_sizes", (2, 4)),
     ("train", ["--align-corners"], "head.align_corners", True),
     ("train", ["--stage-average", "logits"], "head.stage_average", "logits"),
+    ("train", ["--init", "flax"], "head.init", "flax"),
     ("train", ["--loss-resolution", "grid"], "loss.resolution", "grid"),
     ("train", ["--dice-smooth", "0.5"], "loss.dice_smooth", 0.5),
     ("train", ["--weight-decay", "0.05"], "optim.weight_decay", 0.05),

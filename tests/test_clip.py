@@ -330,7 +330,7 @@ def test_uint8_pixels_normalized_on_the_device(tiny_clip_dir):
     head = HeadConfig(hidden_dim=16, pool_sizes=(2, 4))
     grid, dim = clip.grid, clip.feature_dim
     params = init_params(build_head(head, clip.text_dim), 0, [(1, grid, grid, dim)] * 4,
-                         (1, 2, clip.text_dim))  # fmt: skip
+                         (1, 2, clip.text_dim), head.init)  # fmt: skip
     model = RoughMapModel(clip, TextFeatures(clip), head, params, batch_size=2)
     names = ["candle"] * 3  # 3 images, batches of 2: a padded uint8 batch too
     np.testing.assert_allclose(model(rgb, names), model(normalize(rgb), names), atol=1e-6)

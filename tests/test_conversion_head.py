@@ -78,7 +78,8 @@ def write_run(workdir: Path, head: HeadConfig, clip_dir: Path, seed: int) -> Pat
     config = TrainConfig(dataset="mvtec", workdir=str(workdir), head=head, clip=clip)
     stages = len(UMCI_LAYERS)
     module = build_head(head, TEXT_DIM, stages)
-    params = init_params(module, seed, [(1, GRID, GRID, FEATURE_DIM)] * stages, (1, 2, TEXT_DIM))
+    params = init_params(module, seed, [(1, GRID, GRID, FEATURE_DIM)] * stages, (1, 2, TEXT_DIM),
+                         head.init)  # fmt: skip
     rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), params)
     meta = {

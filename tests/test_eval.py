@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,7 +56,17 @@ def test_train_then_eval_metrics_equal_recomputation_from_saved_maps(
             maps = np.load(output / "maps" / f"{name}.npz")
             assert maps[stage].dtype == np.float16 and maps["masks"].dtype == bool
             assert maps[stage].shape == (16, 112, 112) and len(maps["paths"]) == 16
-            recomputed = compute_metrics(maps[stage], maps["masks"], pro_mode="cflow")
+            # The image scores and labels are saved too (docs/method.md §5.2): the rough map's
+            # maximum; the fused map's peak before Norm; the dataset's annotation.
+            scores, labels = maps[f"{stage}_scores"], maps["labels"]
+            assert scores.shape == (16,) and labels.dtype == bool and labels.sum() == 8
+            if stage == "rough":
+                np.testing.assert_array_equal(scores, maps["rough"].max(axis=(1, 2)))
+            else:  # Norm "max" leaves no map above 1; the peaks before it can be
+                assert scores.dtype == np.float32 and maps["final"].max() <= 1.0
+                assert (scores >= maps["final"].max(axis=(1, 2)).astype(np.float32) - 1e-3).all()
+            recomputed = compute_metrics(maps[stage], maps["masks"], pro_mode="cflow",
+                                         image_scores=scores, labels=labels)  # fmt: skip
             for key in PRO_KEYS:
                 assert values[key] == pytest.approx(recomputed[key], abs=1e-12), (stage, name, key)
             assert values["n_images"] == 16 and values["n_anomalous"] == 8
@@ -67,6 +78,48 @@ def test_train_then_eval_metrics_equal_recomputation_from_saved_maps(
     csv_rows = (output / "table.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 3 + 1 and csv_rows[-1].startswith("mean,")
     assert len(list((output / "panels").rglob("*.png"))) == 3  # one per class
+
+
+def test_image_labels_come_from_the_annotation_not_the_resized_mask(tiny_clip_dir, synthetic_data,
+                                                                   tmp_path):  # fmt: skip
+    """A defect of one pixel vanishes when its mask is resized to S×S: the image still counts
+    as anomalous in the image metrics (its annotated label), while the pixel metrics use the
+    resized (empty) mask; the final stage scores images by their fused maps' peaks before Norm."""
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    data = tmp_path / "visa"
+    shutil.copytree(synthetic_data / "visa", data)
+    image_path = sorted((data / "candle" / "Data" / "Images" / "Anomaly").iterdir())[0]
+    mask_path = data / "candle" / "Data" / "Masks" / "Anomaly" / f"{image_path.stem}.png"
+    # The image 4× larger (640×480) and its mask a single pixel: 1/16 of an S×S cell's area.
+    image = Image.open(image_path)
+    image.resize((image.width * 4, image.height * 4)).save(image_path, format="JPEG")
+    tiny_defect = np.zeros((image.height * 4, image.width * 4), np.uint8)
+    tiny_defect[tiny_defect.shape[0] // 2, tiny_defect.shape[1] // 2] = 1
+    Image.fromarray(tiny_defect).save(mask_path)
+    output = tmp_path / "out"
+    report = eval_main([
+        "--test", "visa", "--data-root", str(data), "--no-umci", "--clip", str(tiny_clip_dir),
+        "--image-size", SIZE, "--dtype", "float32", "--sam", "tiny-random", "--classes",
+        "candle", "--panels", "0", "--save-maps", "--output", str(output), *COMMON,
+    ])  # fmt: skip
+    maps = np.load(output / "maps" / "candle.npz")
+    vanished = [i for i, p in enumerate(maps["paths"]) if Path(p) == image_path]
+    assert len(vanished) == 1 and not maps["masks"][vanished[0]].any()  # the defect is gone
+    labels = maps["labels"]
+    assert labels[vanished[0]] and labels.sum() == 8  # but the image is still anomalous
+    assert maps["masks"].any(axis=(1, 2)).sum() == 7  # what the masks alone would say
+    for stage in ("rough", "final"):
+        values = report[stage]["classes"]["candle"]
+        assert values["n_anomalous"] == 8
+        scores = maps[f"{stage}_scores"]
+        # Independent: sklearn's AUROC of the saved scores against the annotated labels.
+        assert values["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        recomputed = compute_metrics(maps[stage], maps["masks"], image_scores=scores,
+                                     labels=labels)  # fmt: skip
+        for key in PRO_KEYS:
+            assert values[key] == pytest.approx(recomputed[key], abs=1e-12), (stage, key)
 
 
 def test_sam_none_writes_rough_only(synthetic_data, trained_head, tmp_path):

@@ -11,10 +11,12 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve
 
 from clipsam_jax.config import RefineConfig
+from clipsam_jax.metrics import compute_metrics
 from clipsam_jax.refine.fusion import (
     _cv2_area,
     fuse,
     fuse_batch,
+    fuse_scored,
     masks_to_grid,
     mmr,
     mmr_batch,
@@ -63,6 +65,18 @@ def test_no_component_keeps_rough_unchanged(norm):
     out = fuse(rough, np.zeros((0, 3, 20, 30), bool), np.zeros((0, 3)), norm=norm)
     np.testing.assert_array_equal(out, rough)
     assert out is not rough
+    # The image score of an image without prompts is its rough map's maximum.
+    final, score = fuse_scored(rough, np.zeros((0, 3, 20, 30), bool), np.zeros((0, 3)), norm)
+    np.testing.assert_array_equal(final, rough)
+    assert score == float(rough.max()) and isinstance(score, float)
+
+
+@pytest.mark.parametrize("norm", ["max", "minmax", "none"])
+def test_fuse_scored_image_score_is_the_peak_before_norm(norm):
+    rough, masks, scores, summed = _hand_case()
+    final, score = fuse_scored(rough, masks, scores, norm)
+    np.testing.assert_array_equal(final, fuse(rough, masks, scores, norm))
+    assert score == pytest.approx(summed.max(), abs=1e-6)  # 1.1, whatever the Norm
 
 
 def test_unknown_norm_and_bad_shapes():
@@ -208,6 +222,7 @@ def test_mmr_skips_refiner_without_components():
         np.testing.assert_array_equal(out.final, rough)
         assert out.masks.shape == (0, 3, *IMAGE_HW) and out.scores.shape == (0, 3)
         assert out.prompts.num_boxes == 0
+        assert out.image_score == np.float32(0.2)  # no prompt: the rough map's maximum
 
 
 # ---------------------------------------------------------------- mmr_batch
@@ -245,6 +260,7 @@ def test_mmr_batch_equals_mmr(batched, sampling):
         np.testing.assert_array_equal(got[n].masks, want.masks)
         np.testing.assert_array_equal(got[n].scores, want.scores)
         np.testing.assert_array_equal(got[n].final, want.final)
+        assert got[n].image_score == want.image_score
 
 
 def test_mmr_seeded_draws_each_image_from_its_position():
@@ -279,6 +295,10 @@ def test_mmr_batch_no_components_and_sizes():
     for n in (0, 2):
         np.testing.assert_array_equal(got[n].final, roughs[n])
         assert got[n].masks.shape == (0, 1, *sizes[n]) and got[n].scores.shape == (0, 1)
+        assert got[n].image_score == np.float32(0.2)  # no prompt: the rough map's maximum
+    # One box; the oracle's three masks cover the whole image with scores 0.9, 0.8, 0.7: the
+    # fused map is O + 2.4, its peak before Norm 0.9 + 2.4.
+    assert got[1].image_score == pytest.approx(3.3, abs=1e-5)
     assert got[1].masks.shape[0] == 1 and not np.array_equal(got[1].final, roughs[1])
     # Nothing anywhere: the refiner is never called, not even with an empty batch.
     flat = np.full((2, S, S), 0.2, np.float32)
@@ -363,6 +383,65 @@ def test_mmr_fusion_norms_by_hand(norm):
     assert out.final.dtype == np.float32
     np.testing.assert_array_equal(out.masks, masks)
     np.testing.assert_array_equal(out.scores, scores)
+
+
+def test_image_score_breaks_the_ties_of_max_norm_and_gives_sklearns_auroc():
+    """Under Norm "max" every refined map peaks at exactly 1.0, so each map's max ties them all;
+    the image score is the peak BEFORE Norm, which tells them apart (docs/method.md §5.2)."""
+    from sklearn.metrics import roc_auc_score
+
+    rough, masks, _, _ = _norm_case()
+    config = RefineConfig(sam="none")  # fusion_norm "max" by default
+    assert config.fusion_norm == "max"
+    image = np.zeros((*HAND_HW, 3), np.uint8)
+    # Cell (2, 2) = 0.8 + s_0 + s_1 is the peak (the other component cells 0.8 + s_0 = 1.3):
+    # 0.8 + 0.5 + 0.25 = 1.55, 0.8 + 0.5 + 0.05 = 1.35, 0.8 + 0.5 + 0.15 = 1.45.
+    second = [0.25, 0.05, 0.15]
+    peaks = [1.55, 1.35, 1.45]
+    results = []
+    for s1 in second:
+        scores = np.array([[0.5, s1, 0.6]], np.float32)
+        results.append(mmr(rough, image, ScriptedRefiner(masks, scores), config,
+                           np.random.default_rng(0)))  # fmt: skip
+    normal = np.full((8, 8), 0.3, np.float32)  # no component above 0.47: no prompt
+    results.append(mmr(normal, image, ExplodingRefiner(), config, np.random.default_rng(0)))
+    for r, peak in zip(results, peaks):
+        assert r.final.max() == pytest.approx(1.0, abs=1e-6)  # the tie after Norm
+        assert r.image_score == pytest.approx(peak, abs=1e-6)
+    assert results[3].image_score == np.float32(0.3) and results[3].final.max() == np.float32(0.3)
+    image_scores = np.array([r.image_score for r in results], np.float32)
+    assert len(set(image_scores.tolist())) == 4
+    labels = np.array([1, 0, 1, 0])
+    finals = np.stack([r.final for r in results])
+    gts = np.zeros(finals.shape, bool)
+    gts[0, 2:4, 2:4] = gts[2, 2:4, 2:4] = True
+    # Independent computation: 1.55 and 1.45 (anomalous) above 1.35 and 0.3 (normal) → 1.0.
+    expected = roc_auc_score(labels, image_scores)
+    assert expected == 1.0
+    got = compute_metrics(finals, gts, image_scores=image_scores, labels=labels)
+    assert got["image_auroc"] == expected
+    # The final maps' maxima tie the three refined images: 1 vs 1 counts ½ → 0.75.
+    assert compute_metrics(finals, gts)["image_auroc"] == roc_auc_score(labels, finals.max((1, 2)))
+    assert compute_metrics(finals, gts)["image_auroc"] == 0.75
+    # mmr_batch gives the same scores.
+    batch = mmr_batch(
+        [rough] * 3, [image] * 3,
+        _PerCallRefiner(masks, [np.array([[0.5, s1, 0.6]], np.float32) for s1 in second]),
+        config, [np.random.default_rng(n) for n in range(3)],
+    )  # fmt: skip
+    assert [b.image_score for b in batch] == image_scores[:3].tolist()
+
+
+class _PerCallRefiner:
+    """The same masks each call, the scores of call n from `scores[n]` (called in order)."""
+
+    def __init__(self, masks: np.ndarray, scores: list[np.ndarray]):
+        self.masks, self.scores, self.calls = masks, scores, 0
+
+    def refine(self, image, prompts: Prompts, multimask: bool = True):
+        scores = self.scores[self.calls]
+        self.calls += 1
+        return self.masks[: prompts.num_boxes], scores[: prompts.num_boxes]
 
 
 def test_mmr_max_norm_keeps_a_map_whose_peak_is_not_above_one():

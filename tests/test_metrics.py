@@ -747,3 +747,112 @@ def test_streaming_compute_before_any_update_is_all_nan():
         "pixel_auroc", "pixel_ap", "pixel_f1_max", "pro", "image_auroc", "image_ap", "image_f1_max"
     ]  # fmt: skip
     assert all(math.isnan(v) for v in m.values()) and not m.exact
+
+
+# ---------------------------------------------------------------- explicit image scores and labels
+# Evaluation scores images by the final map's pre-Norm peak and labels them by the dataset's
+# annotation (docs/method.md §5.2); pixel metrics keep using the masks.
+
+
+def _vanished_defect_case():
+    """Three 4×4 images: 0 normal (max 0.2); 1 anomalous with a mask (max 0.9); 2 annotated
+    anomalous whose mask vanished when resized (empty mask, max 0.1)."""
+    maps = np.zeros((3, 4, 4), np.float32)
+    maps[0, 1, 1], maps[1, 2, 2], maps[2, 0, 3] = 0.2, 0.9, 0.1
+    masks = np.zeros((3, 4, 4), bool)
+    masks[1, 2, 2:4] = True
+    return maps, masks, np.array([0, 1, 1])
+
+
+def test_annotated_label_counts_an_image_whose_mask_vanished():
+    maps, masks, labels = _vanished_defect_case()
+    got = compute_metrics(maps, masks, labels=labels)
+    # By hand: anomalous {0.9, 0.1}, normal {0.2}. AUROC: 0.9 > 0.2, 0.1 < 0.2 → 1/2.
+    # AP: 0.9 (precision 1, recall ½), then 0.1 (precision 2/3, recall 1) → ½ + ½·⅔ = 5/6.
+    # F1-max: max(2·1·½/1.5, 2·⅔·1/(5/3)) = max(⅔, 0.8) = 0.8.
+    assert got["image_auroc"] == pytest.approx(0.5, abs=1e-12)
+    assert got["image_ap"] == pytest.approx(5 / 6, abs=1e-12)
+    assert got["image_f1_max"] == pytest.approx(0.8, abs=1e-12)
+    np.testing.assert_allclose(
+        [got["image_auroc"], got["image_ap"], got["image_f1_max"]],
+        sklearn_triple(labels, maps.max(axis=(1, 2))),
+        atol=1e-12,
+    )
+    default = compute_metrics(maps, masks)  # labels from the masks: image 2 counted normal
+    assert default["image_auroc"] == 1.0
+    for key in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pro"):
+        assert got[key] == default[key], key  # pixel metrics use the masks only
+    from clipsam_jax.metrics import image_metrics
+
+    assert image_metrics(maps, masks, labels=labels) == {
+        k: got[k] for k in ("image_auroc", "image_ap", "image_f1_max")
+    }
+
+
+def test_annotated_anomalies_without_any_mask_pixel_do_not_crash():
+    # Every anomalous image's mask vanished: no anomalous pixel, so the pixel metrics and PRO
+    # are NaN, while the image metrics are defined by the labels.
+    maps, masks, labels = _vanished_defect_case()
+    masks[:] = False
+    for mode in ("mvtec", "cflow"):
+        got = compute_metrics(maps, masks, pro_mode=mode, labels=labels)
+        assert all(math.isnan(got[k]) for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pro"))
+        assert got["image_auroc"] == 0.5
+    acc = StreamingPixelMetrics(num_bins=16)
+    acc.update(maps, masks, labels=labels)
+    assert acc.compute()["image_auroc"] == 0.5
+
+
+def test_explicit_image_scores_replace_the_maps_maxima(rng):
+    masks = blob_masks(rng, 10, 12, 12, anomalous_every=2)
+    maps = (rng.random(masks.shape) + 0.5 * masks).astype(np.float32)
+    labels = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1, 1])  # not the masks' non-emptiness
+    scores = (rng.random(10) * 2).astype(np.float32)  # e.g. peaks before Norm, above 1
+    got = compute_metrics(maps, masks, image_scores=scores, labels=labels)
+    np.testing.assert_allclose(
+        [got["image_auroc"], got["image_ap"], got["image_f1_max"]],
+        sklearn_triple(labels, scores),
+        atol=1e-12,
+    )
+    pixel = compute_metrics(maps, masks)
+    assert all(got[k] == pixel[k] for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pro"))
+    # Only the scores given: labels from the masks; float16 scores are exact in float32.
+    half = compute_metrics(maps, masks, image_scores=scores.astype(np.float16))
+    np.testing.assert_allclose(
+        half["image_auroc"],
+        roc_auc_score(masks.any(axis=(1, 2)), scores.astype(np.float16).astype(np.float32)),
+        atol=1e-12,
+    )
+    # The streaming path keeps the same scores and labels, batch by batch: exact image metrics.
+    acc = StreamingPixelMetrics()
+    for lo, hi in ((0, 4), (4, 7), (7, 10)):
+        acc.update(maps[lo:hi], masks[lo:hi], image_scores=scores[lo:hi], labels=labels[lo:hi])
+    streamed = acc.compute()
+    for key in ("image_auroc", "image_ap", "image_f1_max"):
+        assert streamed[key] == got[key], key
+
+
+def test_image_scores_and_labels_validation_messages_exact():
+    from clipsam_jax.metrics import image_metrics
+
+    maps = np.zeros((2, 4, 4), dtype=np.float32)
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    assert _message(compute_metrics, maps, masks, image_scores=np.zeros(3, np.float32)) == (
+        "image_scores must be (N,) = (2,), one score per map, got shape (3,)"
+    )
+    assert _message(image_metrics, maps, masks, image_scores=np.zeros((2, 1))) == (
+        "image_scores must be (N,) = (2,), one score per map, got shape (2, 1)"
+    )
+    assert _message(compute_metrics, maps, masks, labels=[1]) == (
+        "labels must be (N,) = (2,), one label per map, got shape (1,)"
+    )
+    assert _message(compute_metrics, maps, masks, image_scores=np.array([0.5, np.nan])) == (
+        "image_scores contain NaN; fix the model output before evaluating"
+    )
+    assert _message(compute_metrics, maps, masks, labels=np.array([0, 2])) == (
+        f"labels must be bool or hold only 0 and 1, found {np.int64(2)!r} (dtype int64); "
+        "binarize first, e.g. labels > 0"
+    )
+    with pytest.raises(MetricsInputError, match=r"image_scores must be \(N,\) = \(3,\)"):
+        StreamingPixelMetrics().update(np.zeros((3, 4, 4)), np.zeros((3, 4, 4), bool),
+                                       image_scores=np.zeros(2))  # fmt: skip

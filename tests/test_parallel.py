@@ -37,7 +37,8 @@ CHILD = textwrap.dedent(
     clip = load_clip(clip_dir, 112, dtype="float32")
     text = TextFeatures(clip)
     head = HeadConfig(hidden_dim=16, pool_sizes=(2, 4))
-    params = init_params(build_head(head, clip.text_dim), 0, [(1, 8, 8, 48)] * 4, (1, 2, 24))
+    params = init_params(build_head(head, clip.text_dim), 0, [(1, 8, 8, 48)] * 4, (1, 2, 24),
+                         head.init)  # fmt: skip
     results = {}
     for devices in (1, 8):
         mesh = data_mesh(devices)

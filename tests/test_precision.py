@@ -32,8 +32,9 @@ def rough_maps(clip_dir, dtype: str, images: np.ndarray) -> tuple[np.ndarray, Co
     clip = load_clip(str(clip_dir), S, dtype=dtype)
     head = build_head(HEAD, clip.text_dim, len(clip.feature_layers))
     shapes = [(1, clip.grid, clip.grid, clip.feature_dim)] * len(clip.feature_layers)
-    params = init_params(head, 0, shapes, (1, 2, clip.text_dim))
-    # Random biases too (init zeroes them); the same float32 params for both dtypes.
+    params = init_params(head, 0, shapes, (1, 2, clip.text_dim), HEAD.init)
+    # Random offsets on every param (biases too: --init flax zeroes them); the same float32
+    # params for both dtypes.
     rng = np.random.default_rng(1)
     params = jax.tree.map(
         lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params

@@ -73,8 +73,23 @@ def test_non_square_image_with_tiny_sam(tiny, tmp_path):
     assert saved.size == (80, 50)  # the original (W, H), not S×S
     values = np.asarray(saved)
     assert values.dtype == np.uint16 and 0 <= values.min() <= values.max() <= PNG_SCALE
-    assert result["score"] == pytest.approx(values.max() / PNG_SCALE, abs=1 / PNG_SCALE)
-    assert result["grid_score"] >= result["score"] - 1e-6  # bilinear never exceeds the grid
+    assert result["map_max"] == pytest.approx(values.max() / PNG_SCALE, abs=1 / PNG_SCALE)
+    assert result["grid_score"] >= result["map_max"] - 1e-6  # bilinear never exceeds the grid
+    # The image score (docs/method.md §5.2, as eval.main): the fused map's peak BEFORE Norm, so
+    # at least the normalized map's maximum, which Norm "max" brings to 1 when the peak is above.
+    assert result["score"] >= result["grid_score"] - 1e-6
+    if result["score"] > 1.0:
+        assert result["grid_score"] == pytest.approx(1.0, abs=1e-6)
+    # Independent check: with Norm "none" the written map IS the pre-Norm sum (same prompts and
+    # masks), so its maximum is the score the default Norm reports.
+    plain = tmp_path / "plain"
+    main([str(image), "--class-name", "bottle", "--output", str(plain), "--map-format", "npy",
+          *_flags(tiny, "--sam", "tiny-random", "--threshold", "0", "--fusion-norm", "none")])  # fmt: skip
+    unnormed = json.loads((plain / "part_result.json").read_text())
+    assert unnormed["sam_boxes"] == result["sam_boxes"]
+    assert result["score"] == pytest.approx(unnormed["grid_score"], rel=1e-6)
+    assert unnormed["score"] == pytest.approx(unnormed["grid_score"], rel=1e-6)
+    assert result["rough_score"] == result["rough_grid_score"] == unnormed["rough_score"]
     mask = np.asarray(Image.open(out / "part_mask.png"))
     assert mask.shape == (50, 80) and set(np.unique(mask)) <= {0, 255}
     assert Image.open(out / "part_overlay.png").size == (80, 50)
@@ -128,7 +143,11 @@ def test_npy_map_without_sam_and_mask_threshold(tiny, tmp_path):
     result = json.loads((tmp_path / "npy" / "x_result.json").read_text())
     values = np.load(tmp_path / "npy" / "x_map.npy")
     assert values.dtype == np.float32 and values.shape == (96, 64)
-    assert result["score"] == float(values.max())  # exact: the score is the saved map's max
+    assert result["map_max"] == float(values.max())  # exact: the saved map's max
+    # Without SAM the image score is the S×S rough map's maximum (as eval.main's rough stage);
+    # bilinear upsampling never exceeds it.
+    assert result["score"] == result["grid_score"] == result["rough_grid_score"]
+    assert values.max() <= result["score"] + 1e-6
     assert result["rough_score"] == result["score"] and result["sam_boxes"] == 0
     quantized = np.asarray(Image.open(tmp_path / "png" / "x_map.png")) / PNG_SCALE
     np.testing.assert_allclose(quantized, np.clip(values, 0, 1), atol=0.5 / PNG_SCALE + 1e-7)

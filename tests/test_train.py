@@ -56,21 +56,28 @@ def pixel_auroc_on_visa(tiny_clip_dir, synthetic_data, workdir, output) -> float
 
 
 def test_training_learns_and_transfers_to_visa_layout(tiny_clip_dir, synthetic_data, tmp_path):
-    """Loss falls; the trained head beats the untrained one on the other layout by >= 0.1."""
+    """Loss falls; the trained head beats the untrained one on the other layout by >= 0.1.
+
+    The margin was calibrated with Flax's initialization, which this run keeps (`--init flax`):
+    with PyTorch's (the default) this tiny head, whose weights start sqrt(3) times smaller, learns
+    more slowly in 8 epochs (seed 0: loss ratio 0.75 against 0.60, AUROC margin 0.09 against
+    0.12)."""
     workdir = tmp_path / "runs" / "mvtec"
     train_main([
         "--train", "mvtec", "--data-root", str(synthetic_data / "mvtec"), "--workdir",
         str(workdir), "--clip", str(tiny_clip_dir), "--image-size", str(SIZE), "--dtype",
         "float32", "--hidden-dim", "16", "--pool-sizes", "2,4", "--batch-size", "4",
-        "--epochs", "8", "--lr", "1e-3", "--no-progress",
+        "--epochs", "8", "--lr", "1e-3", "--init", "flax", "--no-progress",
     ])  # fmt: skip
     log = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
     first = np.mean([e["loss"] for e in log if e["epoch"] == 1])
     last = np.mean([e["loss"] for e in log if e["epoch"] == 8])
     assert last < 0.8 * first
     untrained = tmp_path / "runs" / "untrained"
+    head = HeadConfig(hidden_dim=16, pool_sizes=(2, 4), init="flax")
     train(
-        tiny_config(tiny_clip_dir, synthetic_data / "mvtec", untrained, max_steps=0), progress=False
+        tiny_config(tiny_clip_dir, synthetic_data / "mvtec", untrained, max_steps=0, head=head),
+        progress=False,
     )
     trained_auroc = pixel_auroc_on_visa(tiny_clip_dir, synthetic_data, workdir, tmp_path / "a")
     untrained_auroc = pixel_auroc_on_visa(tiny_clip_dir, synthetic_data, untrained, tmp_path / "b")

@@ -148,7 +148,7 @@ def test_inference_takes_the_forward_conv_and_same_maps():
               for i in range(4)]  # fmt: skip
     text = np.random.default_rng(9).normal(size=(2, 2, 10)).astype(np.float32)
     training = build_head(config, 10, conv_impl="matmul")
-    params = init_params(training, 0, [t.shape for t in tokens], text.shape)
+    params = init_params(training, 0, [t.shape for t in tokens], text.shape, config.init)
     inference = build_head(config, 10, conv_impl=inference_conv_impl("auto"))
     for a, b in zip(inference.apply({"params": params}, tokens, text),
                     training.apply({"params": params}, tokens, text), strict=True):  # fmt: skip
@@ -227,8 +227,9 @@ def parity_case(config: HeadConfig, size: int, loss_config: LossConfig | None = 
     masks = np.zeros((2, size, size), bool)
     masks[0, size // 4 : size // 2, size // 3 : size // 2 + 5] = True  # image 1 defect-free
     head = build_head(dataclasses.replace(config, hidden_dim=SMALL["hidden_dim"]), 12)
-    params = init_params(head, 3, [t.shape for t in tokens], text.shape)
-    # Random biases too (init zeros them) so every term of the equations is exercised.
+    params = init_params(head, 3, [t.shape for t in tokens], text.shape, config.init)
+    # Random offsets on every param (biases too: --init flax zeroes them) so every term of the
+    # equations is exercised whatever the init.
     rng = np.random.default_rng(4)
     params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), params)
 
@@ -273,7 +274,7 @@ def parity_case(config: HeadConfig, size: int, loss_config: LossConfig | None = 
 # gradient, so a strip GRU cut off on the Flax side alone would slip through them; this test
 # would not. The head computes in float64 (x64; it hands float32 logits to the float32 loss,
 # which only rounds the cotangent coming back), so the zero gradients come out near 1e-18 of the
-# largest, far below 1e-12; random biases (init zeroes them) and doubled weights keep the
+# largest, far below 1e-12; random biases (--init flax zeroes them) and doubled weights keep the
 # attention away from uniform, which lifts the weak gradients above ~1e-5 of the largest, far
 # above 1e-8.
 FLAX_EXACTLY_ZERO_GRADIENT = re.compile(r"scale_\d+/text_key/bias$")
@@ -290,7 +291,7 @@ def test_gradients_reach_every_parameter(gru_reading, shared_projection):
         config = HeadConfig(hidden_dim=SMALL["hidden_dim"], gru_reading=gru_reading,
                             shared_projection=shared_projection)  # fmt: skip
         head = build_head(config, SMALL["text_dim"], num_stages=1, dtype=jnp.float64)
-        params = init_params(head, 3, [t.shape for t in tokens], text.shape)
+        params = init_params(head, 3, [t.shape for t in tokens], text.shape, config.init)
         rng = np.random.default_rng(4)
         params = jax.tree.map(
             lambda p: 2.0 * (p.astype(np.float64) + 0.1 * rng.standard_normal(p.shape)), params
@@ -346,7 +347,7 @@ def test_head_params_round_trip_exact():
 def test_init_params_match_flax_init_tree_and_scale():
     tokens, text = small_inputs(24)
     head = build_head(HeadConfig(hidden_dim=8), 12)
-    ours = init_params(head, 0, [t.shape for t in tokens], text.shape)
+    ours = init_params(head, 0, [t.shape for t in tokens], text.shape, "flax")
     flax_shapes = jax.eval_shape(head.init, jax.random.PRNGKey(0), tokens, text)["params"]
     assert jax.tree.structure(ours) == jax.tree.structure(flax_shapes)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_shapes)):
@@ -354,11 +355,11 @@ def test_init_params_match_flax_init_tree_and_scale():
     recurrent = ours["stage_0"]["strip_row"]["gru"]["hr"]["kernel"]
     np.testing.assert_allclose(recurrent.T @ recurrent, np.eye(8), atol=1e-5)  # orthogonal
     big = init_params(build_head(HeadConfig(hidden_dim=8), 768), 1, [(1, 9, 9, 1024)] * 4,
-                      (1, 2, 768))  # fmt: skip
+                      (1, 2, 768), "flax")  # fmt: skip
     kernel = big["stage_0"]["projection"]["kernel"]
     assert abs(kernel.std() - np.sqrt(1 / 1024)) < 0.05 * np.sqrt(1 / 1024)  # LeCun normal
     assert not np.array_equal(kernel, init_params(build_head(HeadConfig(hidden_dim=8), 768), 2,
-                              [(1, 9, 9, 1024)] * 4, (1, 2, 768))["stage_0"]["projection"]["kernel"])  # fmt: skip
+                              [(1, 9, 9, 1024)] * 4, (1, 2, 768), "flax")["stage_0"]["projection"]["kernel"])  # fmt: skip
 
 
 def test_align_corners_resize_matches_torch():

@@ -90,6 +90,42 @@ def check_scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return scores, as_bool_mask(labels, "labels")
 
 
+def check_image_inputs(
+    image_scores, labels, n_images: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Validate the optional explicit image scores and labels of a class of `n_images` maps.
+
+    Args:
+      image_scores: None (the maps' maxima are used) or real (N,), one score per map.
+      labels: None (the masks' non-emptiness is used) or binary (N,), one label per map, e.g.
+        the dataset's annotation (`Sample.label`).
+      n_images: N, the number of maps.
+
+    Returns:
+      (image_scores or None, labels as bool or None).
+
+    Raises:
+      MetricsInputError (a ValueError): a shape other than (N,), NaN/inf or a non-real dtype in
+        the scores, labels other than 0/1.
+    """
+    if image_scores is not None:
+        image_scores = np.asarray(image_scores)
+        if image_scores.shape != (n_images,):
+            raise MetricsInputError(
+                f"image_scores must be (N,) = ({n_images},), one score per map, got shape "
+                f"{image_scores.shape}"
+            )
+        check_finite_scores(image_scores, "image_scores")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n_images,):
+            raise MetricsInputError(
+                f"labels must be (N,) = ({n_images},), one label per map, got shape {labels.shape}"
+            )
+        labels = as_bool_mask(labels, "labels")
+    return image_scores, labels
+
+
 def check_finite_scores(scores: np.ndarray, name: str) -> None:
     """Reject non-real dtypes, NaN and ±inf without a full-size temporary."""
     if scores.dtype.kind not in "fiu":  # float, signed or unsigned integer (not bool)

@@ -9,7 +9,8 @@ of the exact values (AUROC within ~1e-4 with 4096 bins on typical maps; exact wh
 already lie on the bin grid). Memory is O(num_bins) whatever the number of images.
 
 PRO is the `mvtec` definition only (the `cflow` thresholds depend on the global min/max and
-fall inside bins). Image metrics are exact (one max per image is kept).
+fall inside bins). Image metrics are exact (one score and label per image are kept: by default
+each map's max and mask's non-emptiness, or the `image_scores` / `labels` given to `update`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from clipsam_jax.metrics.common import (
     PIXEL_KEYS,
     Metrics,
     MetricsInputError,
+    check_image_inputs,
     check_maps_masks,
 )
 from clipsam_jax.metrics.curves import PositiveCurve, binary_metrics, roc_pr_metrics
@@ -56,12 +58,15 @@ class StreamingPixelMetrics:
         self._image_scores: list[np.ndarray] = []
         self._image_labels: list[np.ndarray] = []
 
-    def update(self, maps, masks) -> None:
-        """Add a batch: maps real (B, H, W), masks bool (B, H, W) (any B, H, W per batch)."""
+    def update(self, maps, masks, *, image_scores=None, labels=None) -> None:
+        """Add a batch: maps real (B, H, W), masks bool (B, H, W) (any B, H, W per batch);
+        optional image scores real (B,) and labels binary (B,) for the image metrics, as in
+        `compute_metrics` (default: each map's max, each mask's non-emptiness)."""
         maps, masks = check_maps_masks(maps, masks)
+        image_scores, labels = check_image_inputs(image_scores, labels, maps.shape[0])
         for i in range(maps.shape[0]):
             self._add_image(self._bin_index(maps[i]), masks[i])
-        scores, labels = image_scores_labels(maps, masks)
+        scores, labels = image_scores_labels(maps, masks, image_scores, labels)
         self._image_scores.append(scores.astype(np.float32))
         self._image_labels.append(labels)
 
@@ -108,7 +113,7 @@ class StreamingPixelMetrics:
                              n_neg=int(self._neg.sum()))  # fmt: skip
 
     def _image_metrics(self) -> dict[str, float]:
-        """Exact image metrics from the kept per-image maxima (nan before any update)."""
+        """Exact image metrics from the kept per-image scores and labels (nan before any update)."""
         if not self._image_scores:
             return dict.fromkeys(IMAGE_KEYS, float("nan"))
         scores, labels = np.concatenate(self._image_scores), np.concatenate(self._image_labels)

@@ -93,6 +93,22 @@ def fuse(
       float32 (S, S). With q == 0 (no component, SAM skipped) the rough map is returned
       unchanged under every norm, so an image without prompts is scored as CLIP scored it.
     """
+    return fuse_scored(rough, masks, scores, norm)[0]
+
+
+def fuse_scored(
+    rough: np.ndarray, masks: np.ndarray, scores: np.ndarray, norm: Norm = "max"
+) -> tuple[np.ndarray, float]:
+    """`fuse`, and the image score of the final map (docs/method.md §5.2).
+
+    The image score is the peak of the fused map BEFORE Norm, max(O + Σ m·s): after the
+    default Norm every image whose masks push the sum above 1 peaks at exactly 1.0, which would
+    tie all of them. Without prompts (q == 0) it is the rough map's maximum, the peak of the map
+    `fuse` then returns. The peak is taken once, on the map that Norm divides.
+
+    Returns:
+      (final float32 (S, S) as `fuse` returns it, image score as a Python float).
+    """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     rough = np.asarray(rough, dtype=np.float32)
@@ -102,7 +118,7 @@ def fuse(
             f"masks (q, k, H, W) and scores (q, k) expected, got {masks.shape}, {scores.shape}"
         )
     if masks.shape[0] == 0:
-        return rough.copy()
+        return rough.copy(), float(rough.max())
     # Area averaging is linear, so the score-weighted sum of the masks is resized once instead of
     # every mask (q·k resizes of full-resolution maps dominated the MMR time otherwise). A dense
     # multiply-add, not `weighted[mask] += score`: same sums, far faster than boolean indexing.
@@ -110,17 +126,19 @@ def fuse(
     for mask, score in zip(masks.reshape(-1, *masks.shape[2:]), scores.reshape(-1)):
         weighted += mask.astype(bool, copy=False) * score
     fused = rough + masks_to_grid(weighted[None], rough.shape)[0]
-    return normalize(fused, norm)
+    peak = fused.max()
+    return normalize(fused, norm, peak=peak), float(peak)
 
 
-def normalize(fused: np.ndarray, norm: Norm) -> np.ndarray:
-    """The Norm of Eq. 9 on one (S, S) map; see `fuse` for the modes."""
+def normalize(fused: np.ndarray, norm: Norm, *, peak: float | None = None) -> np.ndarray:
+    """The Norm of Eq. 9 on one (S, S) map; see `fuse` for the modes. `peak`: the map's
+    maximum when the caller already has it (not computed again)."""
     fused = np.asarray(fused, dtype=np.float32)
     if norm == "max":
-        peak = fused.max()
+        peak = fused.max() if peak is None else peak
         return fused / peak if peak > 1.0 else fused
     if norm == "minmax":
-        low, high = fused.min(), fused.max()
+        low, high = fused.min(), (fused.max() if peak is None else peak)
         # A constant map ranks no pixel above another; zeros rather than a division by 0.
         return (fused - low) / (high - low) if high > low else np.zeros_like(fused)
     if norm == "none":
@@ -154,12 +172,15 @@ class MaskRefiner(Protocol):
 
 @dataclass(frozen=True)
 class MMRResult:
-    """One image through MMR: final map (S, S), prompts, masks (q, k, H, W), scores (q, k)."""
+    """One image through MMR: final map (S, S), prompts, masks (q, k, H, W), scores (q, k),
+    and `image_score`, the final map's image score (docs/method.md §5.2): the peak of the fused
+    map before Norm (`fuse_scored`), the rough map's maximum for an image without prompts."""
 
     final: np.ndarray
     prompts: Prompts
     masks: np.ndarray
     scores: np.ndarray
+    image_score: float
 
 
 def mmr(
@@ -183,8 +204,8 @@ def mmr(
         masks, scores = _no_masks(config, prompts.image_hw)
     else:
         masks, scores = refiner.refine(image, prompts, multimask=config.multimask)
-    final = fuse(rough, masks, scores, norm=config.fusion_norm)
-    return MMRResult(final=final, prompts=prompts, masks=masks, scores=scores)
+    final, peak = fuse_scored(rough, masks, scores, norm=config.fusion_norm)
+    return MMRResult(final=final, prompts=prompts, masks=masks, scores=scores, image_score=peak)
 
 
 class BatchMaskRefiner(MaskRefiner, Protocol):
@@ -245,8 +266,8 @@ def mmr_batch(
         def result(n: int) -> MMRResult:
             p = prompts[n]
             masks, scores = by_image[n] if n in by_image else _no_masks(config, p.image_hw)
-            final = fuse(roughs[n], masks, scores, norm=config.fusion_norm)
-            return MMRResult(final=final, prompts=p, masks=masks, scores=scores)
+            final, peak = fuse_scored(roughs[n], masks, scores, norm=config.fusion_norm)
+            return MMRResult(final=final, prompts=p, masks=masks, scores=scores, image_score=peak)
 
         return list(pool.map(result, range(len(prompts))))
 

@@ -39,8 +39,11 @@ class ClipConfig:
         "sentence_and_mean", "normalize each sentence embedding, average per state and "
         "normalize (choice, as WinCLIP), or normalize the mean only")  # fmt: skip
     dtype: Literal["float32", "bfloat16", "auto"] = option(
-        "auto", "CLIP and head compute dtype (auto: bf16 on accelerators, fp32 on CPU)"
+        "auto", "CLIP compute dtype (auto: bf16 on accelerators, fp32 on CPU)"
     )
+    head_dtype: Literal["float32", "clip"] = option(
+        "float32", "the trained head's compute dtype at evaluation and prediction: float32, as "
+        "it is trained (choice), or CLIP's dtype (bf16 on accelerators)")  # fmt: skip
 
 
 @dataclass(frozen=True)

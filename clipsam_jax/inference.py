@@ -51,6 +51,7 @@ class RoughMapModel:
     mesh: Mesh | None = None  # data-parallel devices; default: every device
     attention: AttentionImpl | None = None  # None: clip.attention (clip.features.resolve_attention)
     conv_impl: str = "auto"  # the head's convolutions (RuntimeConfig.conv_impl)
+    head_dtype: str = "float32"  # ClipConfig.head_dtype: "clip" computes the head in CLIP's dtype
 
     def __post_init__(self):
         self.mesh = self.mesh or data_mesh()
@@ -63,8 +64,10 @@ class RoughMapModel:
         clip, layers = self.clip, self.clip.feature_layers
         head = None
         if self.head_config is not None:
+            # float32 by default, as trained: the bf16 CLIP features are promoted at the input.
+            head_dtype = clip.module.dtype if self.head_dtype == "clip" else jnp.float32
             head = build_head(
-                self.head_config, clip.text_dim, len(layers), clip.module.dtype,
+                self.head_config, clip.text_dim, len(layers), head_dtype,
                 inference_conv_impl(self.conv_impl),
             )  # fmt: skip
 
@@ -218,4 +221,5 @@ def load_rough_map_model(
                         normalization=clip_config.prompt_normalization)  # fmt: skip
     step = None if no_umci else meta.get("step")
     return RoughMapModel(clip, text, head_config, head_params, batch_size, clip_config, step,
-                         mesh=mesh, conv_impl=runtime.conv_impl)  # fmt: skip
+                         mesh=mesh, conv_impl=runtime.conv_impl,
+                         head_dtype=clip_config.head_dtype)  # fmt: skip

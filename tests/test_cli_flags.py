@@ -109,6 +109,7 @@ ROWS = [
     ("eval", ["--image-size", "336"], "clip.image_size", 336),
     ("eval-runtime", ["--clip-attention", "fused"], "clip_attention", "fused"),
     ("eval", ["--dtype", "float32"], "clip.dtype", "float32"),
+    ("eval", ["--head-dtype", "clip"], "clip.head_dtype", "clip"),
     ("eval", ["--batch-size", "3"], "batch_size", 3),
     ("eval", ["--no-umci"], "no_umci", True),
     ("eval", ["--pro", "cflow"], "pro_mode", "cflow"),

@@ -27,7 +27,9 @@ BF16_U = 2.0**-8  # bfloat16 unit roundoff: 8 significant bits, round to nearest
 COMPUTE = ("Dense", "Conv", "Conv1D", "Conv2D", "LayerNorm", "FlaxCLIPMLP", "UMCIStage")
 
 
-def rough_maps(clip_dir, dtype: str, images: np.ndarray) -> tuple[np.ndarray, Counter]:
+def rough_maps(
+    clip_dir, dtype: str, images: np.ndarray, head_dtype: str = "clip"
+) -> tuple[np.ndarray, Counter]:
     """The maps of `images` and a count of (module kind, output dtype) over the traced call."""
     clip = load_clip(str(clip_dir), S, dtype=dtype)
     head = build_head(HEAD, clip.text_dim, len(clip.feature_layers))
@@ -39,7 +41,8 @@ def rough_maps(clip_dir, dtype: str, images: np.ndarray) -> tuple[np.ndarray, Co
     params = jax.tree.map(
         lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params
     )
-    model = RoughMapModel(clip, TextFeatures(clip), HEAD, params, batch_size=len(images))
+    model = RoughMapModel(clip, TextFeatures(clip), HEAD, params, batch_size=len(images),
+                          head_dtype=head_dtype)  # fmt: skip
     seen: Counter = Counter()
 
     def record(next_fun, args, kwargs, context):
@@ -85,3 +88,19 @@ def test_bfloat16_rough_maps_match_float32(tiny_clip_dir):
     # float32 and differ by float32 round-off (~2^-24), not by a sizeable part of a bf16
     # rounding as here.
     assert diff.max() > BF16_U / 16
+
+
+def test_head_computes_in_float32_by_default_under_bfloat16_clip(tiny_clip_dir):
+    """ClipConfig.head_dtype's default: CLIP in bf16, the head in float32 as it was trained."""
+    from clipsam_jax.config import ClipConfig
+
+    assert ClipConfig().head_dtype == "float32"
+    images = np.random.default_rng(0).integers(0, 256, (2, S, S, 3), dtype=np.uint8)
+    mixed, seen = rough_maps(tiny_clip_dir, "bfloat16", images, head_dtype="float32")
+    kinds = {kind: {d for k, d in seen if k == kind} for kind, _ in seen}
+    assert kinds["FlaxCLIPMLP"] == {"bfloat16"}
+    assert kinds["UMCIStage"] == {"float32"} and kinds["Conv2D"] == {"float32"}
+    # The same bf16 CLIP features through a float32 head differ from the all-bf16 run only by
+    # the head's own roundings: both stay within the bf16 bounds of the float32 run.
+    full, _ = rough_maps(tiny_clip_dir, "float32", images)
+    assert np.abs(mixed.astype(np.float64) - full).max() <= 8 * BF16_U

@@ -31,9 +31,10 @@ class ImageConversionWarning(UserWarning):
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the stored pixels are turned
 
 
-def _open(path: str | PathLike, orientation: int = 1) -> Image.Image:
+def _open(path: str | PathLike, orientation: int = 1) -> tuple[Image.Image, int]:
     """The decoded image as every viewer shows it: its EXIF orientation tag (cameras, phones)
-    applied, or `orientation` when it has none (a mask drawn on its tagged image's pixels)."""
+    applied, or `orientation` when it has none (a mask drawn on its tagged image's pixels);
+    with the orientation applied (1: as stored)."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
@@ -47,15 +48,12 @@ def _open(path: str | PathLike, orientation: int = 1) -> Image.Image:
         ) from error
     if image.width == 0 or image.height == 0:
         raise ImageReadError(f"{path}: image has zero size ({image.width}x{image.height})")
-    if orientation != 1 and not image.getexif().get(EXIF_ORIENTATION):
-        image.getexif()[EXIF_ORIENTATION] = orientation  # turned as its image is
-    return ImageOps.exif_transpose(image)
-
-
-def exif_orientation(path: str | PathLike) -> int:
-    """The EXIF orientation tag of an image file (1, as stored, when it has none)."""
-    with Image.open(path) as image:
-        return image.getexif().get(EXIF_ORIENTATION) or 1
+    exif = image.getexif()
+    if not exif.get(EXIF_ORIENTATION):
+        if orientation == 1:
+            return image, 1
+        exif[EXIF_ORIENTATION] = orientation  # turned as its image is
+    return ImageOps.exif_transpose(image), exif[EXIF_ORIENTATION]
 
 
 def pil_to_rgb(image: Image.Image, source: str = "<array>") -> np.ndarray:
@@ -90,7 +88,13 @@ def pil_to_rgb(image: Image.Image, source: str = "<array>") -> np.ndarray:
 def read_image(path: str | PathLike) -> np.ndarray:
     """Decode an image file → uint8 RGB (H, W, 3), EXIF orientation applied. Raises
     `ImageReadError` naming the file."""
-    return pil_to_rgb(_open(path), source=str(path))
+    return pil_to_rgb(_open(path)[0], source=str(path))
+
+
+def read_image_oriented(path: str | PathLike) -> tuple[np.ndarray, int]:
+    """`read_image`, and the EXIF orientation it applied (1: none), for the image's mask."""
+    image, orientation = _open(path)
+    return pil_to_rgb(image, source=str(path)), orientation
 
 
 def image_size(path: str | PathLike) -> tuple[int, int]:
@@ -111,7 +115,7 @@ def read_mask(path: str | PathLike, expected_hw: tuple[int, int] | None = None,
     its own is turned by `orientation`, its image's tag, so the two stay aligned. With
     `expected_hw`, a mask whose size differs from its image's raises `ImageReadError`.
     """
-    values = np.asarray(_open(path, orientation))
+    values = np.asarray(_open(path, orientation)[0])
     mask = values > 0
     if mask.ndim == 3:
         mask = mask.any(axis=-1)

@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 
 from clipsam_jax.data.image_io import (
-    exif_orientation,
     normalize,
     preprocess,
-    read_image,
+    read_image_oriented,
     read_mask,
     resize_mask,
     resize_rgb,
@@ -38,10 +37,10 @@ _MOSAIC_STREAM = 1  # distinguishes the per-position mosaic generators from the 
 def decode_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
     """Image as uint8 RGB (H, W, 3) and its mask as bool (H, W) of the same size (else
     `ImageReadError`), None for a normal image."""
-    rgb = read_image(sample.image_path)
+    rgb, orientation = read_image_oriented(sample.image_path)
     if sample.mask_path is None:
         return rgb, None
-    return rgb, read_mask(sample.mask_path, rgb.shape[:2], exif_orientation(sample.image_path))
+    return rgb, read_mask(sample.mask_path, rgb.shape[:2], orientation)
 
 
 def load_sample(

@@ -47,6 +47,19 @@ def config_from_args(cls: type, args: argparse.Namespace, **fields) -> Any:
     return options.from_args(cls, args, **fields)
 
 
+def config_argv(config: Any, always: Sequence[str] = ()) -> list[str]:
+    """The flags of `add_config` that rebuild `config` (fields away from their defaults, and
+    those in `always`). A nested config with a `<name>_given` field gives only those fields,
+    as `config_from_args` reads them back."""
+    argv = options.to_argv(config, always=always)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            names = getattr(config, f"{f.name}_given", None)
+            argv += options.to_argv(value, names=names)
+    return argv
+
+
 def add_runtime(parser: argparse.ArgumentParser, only: Sequence[str]) -> None:
     """The flags of the `RuntimeConfig` fields named in `only` (speed and placement only)."""
     group = parser.add_argument_group("runtime (speed and placement only: the same results)")

@@ -221,6 +221,10 @@ class RuntimeConfig:
         "into query/key (flash), as SDPA's mask (sdpa), or segment_anything's (stock)")  # fmt: skip
     sam_compile: bool = option(False, "torch.compile SAM's image encoder: minutes of "
                                "compilation, then a faster encoder (large sets)")  # fmt: skip
+    compilation_cache: str | None = option(
+        None, "folder of JAX's persistent compilation cache: a program compiled once is reused "
+        "by later runs and processes (default: JAX_COMPILATION_CACHE_DIR if set, else off; "
+        "eval.reproduce: else OUTPUT/compilation_cache)")  # fmt: skip
 
 
 DEFAULT_RUNTIME = RuntimeConfig()

@@ -190,3 +190,26 @@ def check(config: Any, path: str = "") -> None:
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             check(value, f"{path}{f.name}.")
+
+
+def to_argv(
+    config: Any, names: Iterable[str] | None = None, always: Iterable[str] = ()
+) -> list[str]:
+    """The flags that rebuild `config`'s own options from the command line (the inverse of
+    `from_args`): those whose value differs from the default, or named in `always`;
+    `names` limits them to those fields. A value no flag can express raises `ValueError`."""
+    cls, always = type(config), set(always)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    argv = []
+    for spec in specs(cls):
+        value, default = getattr(config, spec.name), defaults[spec.name]
+        wanted = names is None or spec.name in names
+        if not spec.meta["cli"] or not wanted or (value == default and spec.name not in always):
+            continue
+        if spec.kind is bool and not spec.is_tuple:
+            argv += [spec.flag] if value != default else []  # the flag flips the default
+        elif value is None:
+            raise ValueError(f"{cls.__name__}.{spec.name}: no flag sets None")
+        else:
+            argv += [spec.flag, ",".join(map(str, value)) if spec.is_tuple else str(value)]
+    return argv

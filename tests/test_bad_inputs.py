@@ -14,6 +14,7 @@ import pytest
 
 import eval.main
 import eval.predict
+import eval.reproduce
 import train.main
 from clipsam_jax import cli
 from conversion import clip as conversion_clip
@@ -56,7 +57,13 @@ def _predict(w, *extra):
             *extra]  # fmt: skip
 
 
+def _reproduce(w, *extra):
+    return ["--data-root", str(w["data"]), "--clip", str(w["clip"]), "--image-size", SIZE,
+            "--output", str(w["root"] / "results"), "--no-progress", *extra]  # fmt: skip
+
+
 TRAIN, EVAL, PREDICT = train.main.main, eval.main.main, eval.predict.main
+REPRODUCE = eval.reproduce.main
 # fmt: off
 CASES = {
     # name: (entry point, argv from the world, text the message must hold)
@@ -100,6 +107,14 @@ CASES = {
                                                   *_predict(w)[1:]], "nothing.png"),
     "mask threshold above 1": (PREDICT, lambda w: _predict(w, "--mask-threshold", "2"),
                                "--mask-threshold"),
+    "reproduce without a dataset": (REPRODUCE, lambda w: _reproduce(w, "--only", "table4"),
+                                    "must hold a ksdd2/ folder for the selected cells; --only"),
+    "reproduce an unknown table": (REPRODUCE, lambda w: _reproduce(w, "--only", "table5"),
+                                   "--only table5: no such table or cell"),
+    "reproduce with 0 epochs": (REPRODUCE, lambda w: _reproduce(w, "--epochs", "0"),
+                                "--epochs: must be >= 1"),
+    "reproduce without the SAM file": (REPRODUCE, lambda w: _reproduce(
+        w, "--only", "table1", "--sam-checkpoint", str(w["root"] / "sam.pth")), "sam.pth"),
     "convert a missing CLIP": (conversion_clip.main, lambda w: [
         str(w["root"] / "ViT-L-14.pt"), "--out", str(w["root"] / "converted")],
         "ViT-L-14.pt: no such file or directory"),

@@ -16,6 +16,7 @@ import pytest
 
 import eval.main
 import eval.predict
+import eval.reproduce
 import train.main
 from clipsam_jax import cli, options
 from clipsam_jax.config import (
@@ -30,6 +31,7 @@ from clipsam_jax.config import (
 )
 from clipsam_jax.data import download, meta
 from clipsam_jax.errors import ConfigError
+from clipsam_jax.reproduce.plan import ReproduceConfig
 from conversion import clip as conversion_clip
 from conversion import head as conversion_head
 
@@ -71,6 +73,9 @@ COMMANDS = {
         ["aprilgan", "--pth", "a.pth", "--workdir", "w"],
         conversion_head._parser().parse_args,
     ),
+    "reproduce": ([], lambda a: options.from_args(ReproduceConfig, eval.reproduce.parse(a))),
+    "reproduce-args": ([], eval.reproduce.parse),
+    "reproduce-runtime": ([], lambda a: cli.runtime_from_args(eval.reproduce.parse(a))),
     "data.download": (["mvtec"], download._parser().parse_args),
     "data.meta": (["--layout", "mvtec", "--root", "r"], meta._parser().parse_args),
     "benchmarks/run_all.py": ([], _run_all_parser),
@@ -147,6 +152,18 @@ ROWS = [
     ("data.meta", ["--layout", "visa"], "layout", "visa"),
     ("data.meta", ["--root", "data/v"], "root", "data/v"),
     ("benchmarks/run_all.py", ["--all-clip-variants"], "all_clip_variants", True),
+    ("reproduce", ["--data-root", "datasets"], "data_root", "datasets"),
+    ("reproduce", ["--only", "table1,table3/threshold"], "only", ("table1", "table3/threshold")),
+    ("reproduce", ["--epochs", "1"], "epochs", 1),
+    ("reproduce", ["--clip", "weights/clip"], "clip", "weights/clip"),
+    ("reproduce", ["--image-size", "336"], "image_size", 336),
+    ("reproduce", ["--sam", "vit_b"], "sam", "vit_b"),
+    ("reproduce", ["--sam-checkpoint", "w/sam.pth"], "sam_checkpoint", "w/sam.pth"),
+    ("reproduce", ["--seed", "2"], "seed", 2),
+    ("reproduce", ["--output", "repro"], "output", "repro"),
+    ("reproduce-args", ["--plan"], "plan", True),
+    ("reproduce-args", ["--demo"], "demo", True),
+    ("reproduce-runtime", ["--compilation-cache", "xla"], "compilation_cache", "xla"),
 ]
 # Flags of other programs that the README shows (`ruff format --check`).
 FOREIGN = {"--check"}
@@ -239,3 +256,22 @@ def test_configs_built_in_code_are_checked_like_flags(config, message):
     with pytest.raises(ConfigError, match=message):
         options.check(config)
     options.check(type(config)())  # the defaults are valid
+
+
+def test_config_argv_rebuilds_a_config():
+    """`cli.config_argv` writes the flags `config_from_args` reads back: inverted and plain
+    bools, tuples, nested fields, and only the given CLIP fields of an evaluation."""
+    config = TrainConfig(
+        dataset="visa", workdir="runs/x", feature_cache=False, max_steps=0,
+        clip=ClipConfig(model="weights/clip", image_size=336),
+        head=HeadConfig(pool_sizes=(2, 4), shared_projection=False, align_corners=True),
+        optim=OptimConfig(learning_rate=5e-4),
+    )  # fmt: skip
+    argv = cli.config_argv(config, always=("dataset",))
+    assert "--no-feature-cache" in argv and "--separate-projections" in argv
+    assert train.main.config_from_args(train.main.parse(argv)) == config
+    evaluation = EvalConfig(dataset="mtd", clip=ClipConfig(image_size=336),
+                            clip_given=("image_size",), refine=RefineConfig(multimask=False))  # fmt: skip
+    argv = cli.config_argv(evaluation, always=("dataset",))
+    assert argv == ["--test", "mtd", "--image-size", "336", "--single-mask"]
+    assert eval.main.config_from_args(eval.main.parse(argv)) == evaluation

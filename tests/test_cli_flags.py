@@ -165,8 +165,8 @@ ROWS = [
     ("reproduce-args", ["--demo"], "demo", True),
     ("reproduce-runtime", ["--compilation-cache", "xla"], "compilation_cache", "xla"),
 ]
-# Flags of other programs that the README shows (`ruff format --check`).
-FOREIGN = {"--check"}
+# Flags of other programs that the README shows (`ruff format --check`, pytest-xdist's).
+FOREIGN = {"--check", "--maxprocesses", "--dist"}
 
 
 def _field(obj, dotted: str):

@@ -24,10 +24,10 @@ from clipsam_jax.config import (
     OptimConfig,
     RefineConfig,
     TrainConfig,
-    _refiner_names,
 )
 from clipsam_jax.errors import ConfigError
 from clipsam_jax.options import option
+from clipsam_jax.refine.registry import refiner_names
 
 METRICS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "pro")
 SECTIONS = ("table1", "table2", "table3", "table4", "open")
@@ -50,7 +50,7 @@ class ReproduceConfig:
     clip: str = option(DEFAULT_CLIP, "CLIP hub id or local directory")
     image_size: int | None = option(None, "input size S (default: the method's, 518)", minimum=1)
     sam: str | None = option(None, "MMR's refiner (default: the method's, SAM ViT-H)",
-                             choices=_refiner_names)  # fmt: skip
+                             choices=refiner_names)  # fmt: skip
     sam_checkpoint: str | None = option(None, "SAM weights file, e.g. sam_vit_h_4b8939.pth")
     output: str = option("reproduction", "folder of the runs, the evaluations and the report")
     only: tuple[str, ...] | None = option(
@@ -87,7 +87,8 @@ class Cell:
 def paper_numbers() -> dict[str, tuple[float, ...]]:
     """{cell id: the published row (percent, `METRICS` order)} from paper.json."""
     data = json.loads(resources.files(__package__).joinpath("paper.json").read_text())
-    assert tuple(data["metrics"]) == METRICS, data["metrics"]
+    if tuple(data["metrics"]) != METRICS:
+        raise ValueError(f"paper.json lists the metrics {data['metrics']}, expected {METRICS}")
     return {key: tuple(values) for key, values in data["rows"].items()}
 
 

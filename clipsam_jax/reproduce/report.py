@@ -46,6 +46,7 @@ def _row(cell: Cell, record: dict | None) -> dict:
         "protocol": (record or {}).get("protocol"),
         "evaluation": (record or {}).get("evaluation"),
         "commands": (record or {}).get("commands"),
+        "seconds": (record or {}).get("seconds"),
     }
 
 
@@ -53,7 +54,9 @@ def build(cells: list[Cell], records: dict[str, dict | None], settings: dict,
           demo: bool = False) -> dict:  # fmt: skip
     """report.json's content from the cells and their records (None: not run)."""
     rows = [_row(cell, records.get(cell.id)) for cell in cells]
+    # Epochs as trained, and as asked for where nothing has finished yet.
     epochs = {r["protocol"]["epochs"] for r in rows if r["protocol"] and r["protocol"]["epochs"]}
+    epochs |= {settings["epochs"]} if settings.get("epochs") else set()
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "not run")}
     sections = {}
     for section in SECTIONS:
@@ -75,12 +78,15 @@ def build(cells: list[Cell], records: dict[str, dict | None], settings: dict,
 
 
 def _protocol_split(rows: list[dict]) -> tuple[dict, list[str]]:
-    """(settings equal in every finished row, names of those that differ between rows)."""
-    protocols = [r["protocol"] for r in rows if r["protocol"]]
-    if not protocols:
-        return {}, []
-    varying = sorted({k for p in protocols for k in p if p[k] != protocols[0].get(k)})
-    shared = {k: v for k, v in protocols[0].items() if k not in varying and k in PROTOCOL_NAMES}
+    """(settings equal in every finished row, names of those that differ between rows). None
+    is "does not apply" (the zero-shot row has no epochs) and differs from nothing."""
+    values: dict[str, set] = {}
+    for row in rows:
+        for key, value in (row["protocol"] or {}).items():
+            if key in PROTOCOL_NAMES and value is not None:
+                values.setdefault(key, set()).add(json.dumps(value))
+    varying = sorted(k for k, seen in values.items() if len(seen) > 1)
+    shared = {k: json.loads(next(iter(seen))) for k, seen in values.items() if len(seen) == 1}
     return shared, varying
 
 

@@ -67,4 +67,17 @@ for _name, _file in (("vit_h", "4b8939"), ("vit_l", "0b3195"), ("vit_b", "01ec64
     register(RefinerEntry(_name, "segment-anything", _segment_anything, _weights))
 register(RefinerEntry("tiny-random", "segment-anything", _segment_anything,
                       "random weights, for tests and demos only"))  # fmt: skip
+
+
+def _hq_sam(config: RefineConfig, runtime: RuntimeConfig | None) -> Refiner:
+    from clipsam_jax.refine.hq_sam import HqSamRefiner  # needs the [hq] extra
+
+    return HqSamRefiner.from_config(config, runtime)
+
+
+for _name in ("vit_h", "vit_l", "vit_b"):
+    _weights = f"sam_hq_{_name}.pth (HQ-SAM's authors, Hugging Face lkeab/hq-sam; --download-sam)"
+    register(RefinerEntry(f"hq_{_name}", "segment-anything-hq", _hq_sam, _weights))
+register(RefinerEntry("tiny-random-hq", "segment-anything-hq", _hq_sam,
+                      "random weights, for tests and demos only"))  # fmt: skip
 register(RefinerEntry("none", "none", lambda config, runtime: None, "no refiner: rough maps only"))

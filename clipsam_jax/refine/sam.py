@@ -202,7 +202,7 @@ class SamRefiner:
                     f"image {n}: prompts are for an image of size {p.image_hw}, "
                     f"got {image.shape[:2]}"
                 )
-        k = 3 if multimask else 1
+        k = self.masks_per_box(multimask)
         results = [
             (np.zeros((0, k, *image.shape[:2]), bool), np.zeros((0, k), np.float32))
             for image in rgb
@@ -220,8 +220,13 @@ class SamRefiner:
                 del features  # free the chunk's embeddings before the next encoder call
         return results
 
+    def masks_per_box(self, multimask: bool) -> int:
+        """k, the masks the decoder gives each box: SAM's three (multimask) or one."""
+        return 3 if multimask else 1
+
     def _encode(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Image embeddings (n, C, h, w) of n uint8 RGB images, and their resized (H', W').
+        """The encoder's output for n uint8 RGB images (SAM: embeddings (n, C, h, w)), and
+        their resized (H', W').
 
         `SamPredictor.set_image`'s steps: channel order, `ResizeLongestSide`, `Sam.preprocess`.
         """
@@ -261,43 +266,11 @@ class SamRefiner:
         original_sizes: list[tuple[int, int]],
         multimask: bool,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Masks bool (q_i, k, H_i, W_i) and scores float32 (q_i, k) of the boxes of n images.
-
-        `features` (n, C, h, w): the n images' embeddings. All boxes go through the decoder
-        together (`decode_boxes`), in calls of at most `max_boxes_per_call` boxes and one group
-        per point count; masks are upscaled as in `SamPredictor.predict_torch`.
-        """
+        """Masks bool (q_i, k, H_i, W_i) and scores float32 (q_i, k) of the boxes of n images:
+        `_decode_low_res`, then the masks upscaled as in `SamPredictor.predict_torch`."""
         model = self.model
-        low_res: list[torch.Tensor | None] = [None] * len(prompts)
-        scores: list[torch.Tensor | None] = [None] * len(prompts)
         with self._timed("decoder_seconds"):
-            dense_pe = model.prompt_encoder.get_dense_pe()
-            by_point_count: dict[int, list[int]] = {}
-            for i, p in enumerate(prompts):
-                by_point_count.setdefault(p.points.shape[1], []).append(i)
-            for images in by_point_count.values():
-                counts = [prompts[i].num_boxes for i in images]
-                boxes, coords, labels = self._prompt_tensors(
-                    [prompts[i] for i in images], [original_sizes[i] for i in images]
-                )
-                # The feature row (image) of each box; boxes are in image order.
-                owner = torch.as_tensor(
-                    [i for i, q in zip(images, counts) for _ in range(q)], device=self.device
-                )
-                step = self.max_boxes_per_call or len(owner)
-                masks_parts, iou_parts = [], []
-                for start in range(0, len(owner), step):
-                    rows = slice(start, start + step)
-                    points = None if coords is None else (coords[rows], labels[rows])
-                    sparse, dense = model.prompt_encoder(points=points, boxes=boxes[rows],
-                                                         masks=None)  # fmt: skip
-                    m, s = decode_boxes(model.mask_decoder, features[owner[rows]], dense_pe,
-                                        sparse, dense, multimask)  # fmt: skip
-                    masks_parts.append(m)
-                    iou_parts.append(s)
-                for i, m, s in zip(images, torch.cat(masks_parts).split(counts),
-                                   torch.cat(iou_parts).split(counts), strict=True):  # fmt: skip
-                    low_res[i], scores[i] = m, s
+            low_res, scores = self._decode_low_res(features, prompts, original_sizes, multimask)
             results = []
             for i in range(len(prompts)):
                 # Upscale in fp32 even under autocast: the threshold at the mask boundary is
@@ -309,6 +282,51 @@ class SamRefiner:
                 results.append((masks.cpu().numpy(), scores[i].float().cpu().numpy()))
         self.boxes_decoded += sum(p.num_boxes for p in prompts)
         return results
+
+    def _decode_low_res(
+        self,
+        features: torch.Tensor,
+        prompts: list[Prompts],
+        original_sizes: list[tuple[int, int]],
+        multimask: bool,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Low-resolution mask logits (q_i, k, 4h, 4w) and scores (q_i, k) of n images' boxes.
+
+        `features` (n, C, h, w): the n images' embeddings. All boxes go through the decoder
+        together (`decode_boxes`), in calls of at most `max_boxes_per_call` boxes and one group
+        per point count.
+        """
+        model = self.model
+        low_res: list[torch.Tensor | None] = [None] * len(prompts)
+        scores: list[torch.Tensor | None] = [None] * len(prompts)
+        dense_pe = model.prompt_encoder.get_dense_pe()
+        by_point_count: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_point_count.setdefault(p.points.shape[1], []).append(i)
+        for images in by_point_count.values():
+            counts = [prompts[i].num_boxes for i in images]
+            boxes, coords, labels = self._prompt_tensors(
+                [prompts[i] for i in images], [original_sizes[i] for i in images]
+            )
+            # The feature row (image) of each box; boxes are in image order.
+            owner = torch.as_tensor(
+                [i for i, q in zip(images, counts) for _ in range(q)], device=self.device
+            )
+            step = self.max_boxes_per_call or len(owner)
+            masks_parts, iou_parts = [], []
+            for start in range(0, len(owner), step):
+                rows = slice(start, start + step)
+                points = None if coords is None else (coords[rows], labels[rows])
+                sparse, dense = model.prompt_encoder(points=points, boxes=boxes[rows],
+                                                     masks=None)  # fmt: skip
+                m, s = decode_boxes(model.mask_decoder, features[owner[rows]], dense_pe,
+                                    sparse, dense, multimask)  # fmt: skip
+                masks_parts.append(m)
+                iou_parts.append(s)
+            for i, m, s in zip(images, torch.cat(masks_parts).split(counts),
+                               torch.cat(iou_parts).split(counts), strict=True):  # fmt: skip
+                low_res[i], scores[i] = m, s
+        return low_res, scores
 
     def _prompt_tensors(
         self, prompts: list[Prompts], original_sizes: list[tuple[int, int]]

@@ -92,13 +92,26 @@ def check_sam_attention(attention: str) -> SamAttention:
     return attention
 
 
+# HQ-SAM's image encoder is segment_anything's, copied into its own package: its `Attention`
+# is the same code under another class, so the same forwards apply.
+_ENCODER_MODULES = ("segment_anything.modeling.image_encoder",
+                    "segment_anything_hq.modeling.image_encoder")  # fmt: skip
+
+
+def _is_encoder_attention(module: torch.nn.Module) -> bool:
+    kind = type(module)
+    return isinstance(module, Attention) or (
+        kind.__name__ == "Attention" and kind.__module__ in _ENCODER_MODULES
+    )
+
+
 def set_sam_attention(model: torch.nn.Module, attention: SamAttention) -> int:
     """Switch every segment_anything `Attention` in `model` (the image encoder's only) to
     `attention`; returns how many."""
     check_sam_attention(attention)
     count = 0
     for module in model.modules():
-        if isinstance(module, Attention):
+        if _is_encoder_attention(module):
             if attention in _FORWARDS:
                 bound = module.__dict__.get("forward")
                 # Rebinding an equal method would still invalidate torch.compile's guards.

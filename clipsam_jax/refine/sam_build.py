@@ -51,15 +51,19 @@ class SamVariant:
     builder: Callable[[], Sam]
     embed_dim: int  # image_encoder.patch_embed width, distinguishes the variants
     filename: str | None = None  # official checkpoint; None = random weights (tiny)
+    base_url: str = OFFICIAL_BASE_URL  # where the publisher serves `filename`
+    hashed_name: bool = True  # the file name ends in a hash prefix the publisher gives
 
     @property
     def url(self) -> str | None:
-        return OFFICIAL_BASE_URL + self.filename if self.filename else None
+        return self.base_url + self.filename if self.filename else None
 
     @property
     def hash_prefix(self) -> str | None:
         """The hash prefix the publisher put in the file name (`sam_vit_h_4b8939.pth`)."""
-        return Path(self.filename).stem.rsplit("_", 1)[-1] if self.filename else None
+        if not (self.filename and self.hashed_name):
+            return None
+        return Path(self.filename).stem.rsplit("_", 1)[-1]
 
 
 # Tiny SAM: 256-pixel input, 16×16 token grid, 2 blocks of width 64, prompt/decoder width 32.
@@ -117,24 +121,27 @@ def build_sam(
     download: bool = False,
     device: str | torch.device = "auto",
     cache_dir: str | os.PathLike | None = None,
+    variants: dict[str, SamVariant] | None = None,
 ) -> Sam:
     """Build a SAM model in eval mode on `device` ("auto": cuda if available, else cpu).
 
-    `variant`: a `SAM_VARIANTS` name. `checkpoint`: a state-dict file, or a folder holding the
+    `variant`: a name in `variants` (default `SAM_VARIANTS`; a family with SAM's layout, such
+    as HQ-SAM, passes its own). `checkpoint`: a state-dict file, or a folder holding the
     official file name; real variants need one unless `download` (into `cache_dir`, default
     `~/.cache/clipsam_jax/sam`) or the file is already there; tiny-random is random without.
     CheckpointError: unknown variant, missing/corrupt file, weights of another variant, failed
     download or hash check.
     """
-    if variant not in SAM_VARIANTS:
-        raise CheckpointError(f"unknown SAM variant {variant!r}; valid: {', '.join(SAM_VARIANTS)}")
-    spec = SAM_VARIANTS[variant]
+    variants = SAM_VARIANTS if variants is None else variants
+    if variant not in variants:
+        raise CheckpointError(f"unknown SAM variant {variant!r}; valid: {', '.join(variants)}")
+    spec = variants[variant]
     path = _resolve_checkpoint(spec, checkpoint, download, cache_dir)
     state = None if path is None else _load_state_dict(path)
     if state is not None:
-        _check_variant(state, spec, path)
-    if spec.name == "tiny-random":
-        log.warning(TINY_WARNING)
+        _check_variant(state, spec, path, variants)
+    if spec.filename is None:
+        log.warning(TINY_WARNING.replace("'tiny-random'", repr(spec.name)))
     sam = spec.builder()
     if state is not None:
         try:
@@ -193,7 +200,11 @@ def download_checkpoint(spec: SamVariant, dst: Path) -> Path:
                 f"could not download SAM {spec.name} from {spec.url}: {err}. Download it by "
                 f"hand and pass --sam-checkpoint PATH."
             ) from err
-        verify_hash_prefix(Path(tmp), spec.hash_prefix)
+        if spec.hash_prefix:
+            verify_hash_prefix(Path(tmp), spec.hash_prefix)
+        else:
+            log.warning("%s: its publisher gives no hash, so the download is not verified",
+                        spec.url)  # fmt: skip
         os.replace(tmp, dst)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -232,22 +243,26 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def identify_variant(state: dict[str, torch.Tensor]) -> str | None:
-    """The registry variant whose encoder width matches the state dict, None if none does."""
+def identify_variant(
+    state: dict[str, torch.Tensor], variants: dict[str, SamVariant] | None = None
+) -> str | None:
+    """The variant (of `variants`, default `SAM_VARIANTS`) whose encoder width matches the
+    state dict, None if none does."""
     weight = state.get("image_encoder.patch_embed.proj.weight")
     if weight is None or weight.ndim != 4:
         return None
-    for spec in SAM_VARIANTS.values():
+    for spec in (SAM_VARIANTS if variants is None else variants).values():
         if weight.shape[0] == spec.embed_dim:
             return spec.name
     return None
 
 
-def _check_variant(state: dict[str, torch.Tensor], spec: SamVariant, path: Path) -> None:
+def _check_variant(state: dict[str, torch.Tensor], spec: SamVariant, path: Path,
+                   variants: dict[str, SamVariant]) -> None:  # fmt: skip
     """Fail early and clearly on weights of another SAM size (before building the model)."""
     if "image_encoder.patch_embed.proj.weight" not in state:
         raise CheckpointError(f"{path}: not a SAM checkpoint (no image_encoder.patch_embed)")
-    found = identify_variant(state)
+    found = identify_variant(state, variants)
     if found != spec.name:
         width = state["image_encoder.patch_embed.proj.weight"].shape[0]
         looks = f"looks like {found}" if found else f"has an unknown encoder width {width}"

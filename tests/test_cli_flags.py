@@ -160,6 +160,7 @@ ROWS = [
     ("reproduce", ["--sam", "vit_b"], "sam", "vit_b"),
     ("reproduce", ["--sam-checkpoint", "w/sam.pth"], "sam_checkpoint", "w/sam.pth"),
     ("reproduce", ["--seed", "2"], "seed", 2),
+    ("reproduce", ["--refiners", "hq_vit_h=w/hq.pth"], "refiners", ("hq_vit_h=w/hq.pth",)),
     ("reproduce", ["--output", "repro"], "output", "repro"),
     ("reproduce-args", ["--plan"], "plan", True),
     ("reproduce-args", ["--demo"], "demo", True),

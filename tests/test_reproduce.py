@@ -49,6 +49,9 @@ PUBLISHED = {
     "table4/aprilgan/mtd": (51.1, 16.6, 9.8, 17.2),
     "table4/aprilgan/ksdd2": (52.1, 10.7, 9.3, 13.3),
 }
+# The demo adds the tiny HQ-SAM beside the tiny SAM for Table 1's rows (the [hq] extra).
+DEMO_REFINERS = ("refiners/tiny-random/mvtec", "refiners/tiny-random/visa",
+                 "refiners/tiny-random-hq/mvtec", "refiners/tiny-random-hq/visa")  # fmt: skip
 OPEN_CHOICES = ("open/fusion_norm/max", "open/fusion_norm/minmax", "open/fusion_norm/none",
                 "open/pro/mvtec", "open/pro/cflow", "open/stage_average/probabilities",
                 "open/stage_average/logits", "open/init/pytorch", "open/init/flax")  # fmt: skip
@@ -91,6 +94,25 @@ def test_cells_share_trainings_and_evaluations():
     assert by_id["table3/pool_sizes/6,10"].train.head.pool_sizes == (6, 10)
     assert by_id["table2/only_scale"].train.head.paths == "scale"
     assert by_id["open/init/flax"].train.head.init == "flax"
+
+
+def test_other_refiners_rerun_table1s_rows_with_its_heads():
+    settings = ReproduceConfig(sam_checkpoint="sam.pth",
+                               refiners=("hq_vit_b=hq.pth", "vit_b", "vit_h"))  # fmt: skip
+    cells = select(build_plan(settings), ("table1/clipsam", "refiners"))
+    plan = schedule(cells, Path("out"))
+    by_id = {c.id: c for c in cells}
+    assert [c.id for c in cells][2:] == [f"refiners/{name}/{tested}" for name in
+                                         ("vit_h", "hq_vit_b", "vit_b")
+                                         for tested in ("mvtec", "visa")]  # fmt: skip
+    assert plan.cells["refiners/vit_h/visa"] == plan.cells["table1/clipsam/visa"]  # shared
+    assert len(plan.trainings) == 2 and len(plan.evaluations) == 6
+    hq = by_id["refiners/hq_vit_b/mvtec"].eval.refine
+    assert (hq.sam, hq.sam_checkpoint) == ("hq_vit_b", "hq.pth")
+    assert by_id["refiners/vit_b/mvtec"].eval.refine.sam_checkpoint is None
+    assert by_id["refiners/hq_vit_b/visa"].paper == PUBLISHED["table1/clipsam/visa"]
+    with pytest.raises(ConfigError, match="--refiners sam3: unknown refiner; known: vit_h"):
+        build_plan(ReproduceConfig(refiners=("sam3",)))
 
 
 def test_only_selects_tables_groups_and_cells():
@@ -205,26 +227,31 @@ def demo(tmp_path_factory):
 
 def test_demo_runs_every_cell_and_reports_it(demo):
     output, content = demo
-    assert content["demo"] and content["counts"] == {"ok": 31, "failed": 0, "not run": 0}
+    assert content["demo"] and content["counts"] == {"ok": 35, "failed": 0, "not run": 0}
     rows = [r for section in content["sections"].values() for r in section["rows"]]
-    assert [r["cell"] for r in rows] == [*PUBLISHED, *OPEN_CHOICES]
+    assert [r["cell"] for r in rows] == [*PUBLISHED, *OPEN_CHOICES, *DEMO_REFINERS]
     for row in rows:
-        expected = PUBLISHED.get(row["cell"], PUBLISHED["table1/clipsam/mvtec"])
+        main_row = "table1/clipsam/" + ("visa" if row["cell"].endswith("/visa") else "mvtec")
+        expected = PUBLISHED.get(row["cell"], PUBLISHED[main_row])
         assert tuple(row["paper"][m] for m in METRICS) == expected, row["cell"]
         assert all(0 <= row["ours"][m] <= 100 for m in METRICS), row
         trained = row["cell"] != "table2/no_umci"
         assert row["protocol"]["epochs"] == (2 if trained else None), row["cell"]
-        assert row["protocol"]["sam"] == ("none" if "aprilgan" in row["cell"] else "tiny-random")
+        refiner = "tiny-random-hq" if "tiny-random-hq" in row["cell"] else "tiny-random"
+        assert row["protocol"]["sam"] == ("none" if "aprilgan" in row["cell"] else refiner)
+    # SAM refined something: at thr 0.45 the final maps are not the rough ones (w/o MMR).
+    ours = {r["cell"]: r["ours"] for r in rows}
+    assert ours["table3/threshold/0.45"] != ours["table2/no_mmr"]
     assert json.loads((output / "report.json").read_text()) == json.loads(json.dumps(content))
     text = (output / "report.md").read_text()
     assert report.DEMO_NOTE in text and "QUICK RUN" in text
-    for section in ("table1", "table2", "table3", "table4", "open"):
+    for section in ("table1", "table2", "table3", "table4", "open", "refiners"):
         assert f"figures/{section}.png" in text
         picture = np.asarray(Image.open(output / "figures" / f"{section}.png").convert("L"))
         assert picture.shape[0] > 200 and picture.std() > 10, section  # drawn, not blank
     # Shared work: one folder per distinct training and evaluation, one feature cache.
     assert len(list((output / "runs").iterdir())) == 12
-    assert len(list((output / "evals").iterdir())) == 22
+    assert len(list((output / "evals").iterdir())) == 22 + 2  # + the tiny HQ-SAM's two
     assert len(list((output / "feature_cache").iterdir())) == 1  # one CLIP at one size
 
 

@@ -43,6 +43,13 @@ def _generate(folder: Path, seed: int) -> None:
                            images_per_class=count)  # fmt: skip
 
 
+def _demo_refiners() -> tuple[str, ...] | None:
+    """The tiny HQ-SAM beside the tiny SAM, where the [hq] extra is installed."""
+    import importlib.util
+
+    return ("tiny-random-hq",) if importlib.util.find_spec("segment_anything_hq") else None
+
+
 def prepare(
     settings: ReproduceConfig, runtime: RuntimeConfig
 ) -> tuple[ReproduceConfig, RuntimeConfig]:
@@ -56,6 +63,7 @@ def prepare(
         clip=str(output / "tiny_clip"), image_size=DEMO_IMAGE_SIZE, sam="tiny-random",
         epochs=settings.epochs or DEMO_EPOCHS,
         panels=1 if settings.panels is None else settings.panels,
+        refiners=settings.refiners or _demo_refiners(),
     )  # fmt: skip
     return settings, dataclasses.replace(
         runtime, cache_dir=runtime.cache_dir or str(output / "cache")

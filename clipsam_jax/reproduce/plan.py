@@ -30,13 +30,14 @@ from clipsam_jax.options import option
 from clipsam_jax.refine.registry import refiner_names
 
 METRICS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "pro")
-SECTIONS = ("table1", "table2", "table3", "table4", "open")
+SECTIONS = ("table1", "table2", "table3", "table4", "open", "refiners")
 SECTION_TITLES = {
     "table1": "Table 1: MVTec-AD and VisA, each trained on the other",
     "table2": "Table 2: components, on MVTec-AD",
     "table3": "Table 3: hyperparameters, on MVTec-AD",
     "table4": "Table 4: MTD and KSDD2, trained on MVTec-AD",
     "open": "Open choices: the main MVTec-AD row under each choice the paper leaves open",
+    "refiners": "Refiners: Table 1's ClipSAM rows with each refiner",
 }
 MAIN_CELL = "table1/clipsam/mvtec"
 
@@ -62,6 +63,9 @@ class ReproduceConfig:
     seed: int = option(0, "seed of every training and of MMR's point sampling")
     panels: int | None = option(None, "evaluation panels per class (default: eval.main's)",
                                 minimum=0)  # fmt: skip
+    refiners: tuple[str, ...] | None = option(
+        None, "more refiners for Table 1's ClipSAM rows, side by side with --sam's: each NAME or "
+        "NAME=CHECKPOINT, e.g. hq_vit_h=weights/sam_hq_vit_h.pth")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,28 @@ def build_plan(settings: ReproduceConfig) -> list[Cell]:
             train, evaluation = configs(value)
             add(f"open/{name}/{value}", label.format(value), "mvtec", train, evaluation,
                 sweep=(name, value), numbers=main)  # fmt: skip
+
+    if settings.refiners:  # the main refiner first, then each other one; the same heads
+        refiners = dict([(settings.sam or RefineConfig().sam, settings.sam_checkpoint)])
+        for name, checkpoint in map(_refiner_and_file, settings.refiners):
+            refiners.setdefault(name, checkpoint)  # --sam's own is listed once
+        for name, checkpoint in refiners.items():
+            for tested, trained_on in (("mvtec", "visa"), ("visa", "mvtec")):
+                evaluation = _evaluation(settings, tested, sam=name, sam_checkpoint=checkpoint)
+                add(f"refiners/{name}/{tested}", name, tested, _training(settings, trained_on),
+                    evaluation, sweep=("refiner", name),
+                    numbers=paper[f"table1/clipsam/{tested}"])  # fmt: skip
     return cells
+
+
+def _refiner_and_file(text: str) -> tuple[str, str | None]:
+    """ "hq_vit_h=weights/sam_hq_vit_h.pth" → (name, file); "hq_vit_b" → (name, None)."""
+    name, _, checkpoint = text.partition("=")
+    if name not in refiner_names():
+        raise ConfigError(
+            f"--refiners {name}: unknown refiner; known: {', '.join(refiner_names())}"
+        )
+    return name, checkpoint or None
 
 
 def select(cells: list[Cell], only: tuple[str, ...] | None) -> list[Cell]:

@@ -138,6 +138,9 @@ def markdown(report: dict) -> str:
         if section == "open":
             lines += ["", "The paper column is the main row (Table 1, MVTec-AD): a choice whose "
                       "difference is smaller moves our numbers towards the paper's."]  # fmt: skip
+        if section == "refiners":
+            lines += ["", "The paper column is Table 1's ClipSAM row (SAM ViT-H); the heads are "
+                      "Table 1's, only the refiner differs."]  # fmt: skip
         lines += ["", f"![{content['title']}](figures/{section}.png)", ""]
     lines += ["## Commands", "",
               "Each cell's record in `cells/` holds the `train.main` / `eval.main` commands that "

@@ -188,6 +188,19 @@ def check_sam_attention(report: dict) -> None:
         check_summary(run, name, settings["repeats"])
 
 
+def check_refiners(report: dict) -> None:
+    settings = report["settings"]
+    names = settings["variants"]
+    assert list(report["refiners"]) == names == list(report["runs"])
+    for name, values in report["refiners"].items():
+        run = report["runs"][name]
+        check_summary(run, name, settings["repeats"])
+        assert close(values["images_per_second"], settings["images"] / run["seconds_median"])
+        assert 0 < values["encoder_seconds_per_image"] <= values["refine_seconds_median"]
+        check_ratio(values[f"ratio_to_{names[0]}"], report["runs"], name, names[0], name)
+    assert report["refiners"][names[0]][f"ratio_to_{names[0]}"]["median_of_pairwise"] == 1
+
+
 def check_train_step(report: dict) -> None:
     settings = report["settings"]
     assert report["cases"]
@@ -398,6 +411,7 @@ CHECKS = {
     "clip_features": check_clip_features,
     "text_features": check_text_features,
     "sam_attention": check_sam_attention,
+    "refiners": check_refiners,
     "train_step": check_train_step,
     "run_all": check_run_all,
     "memory_scale": check_memory_scale,

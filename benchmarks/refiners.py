@@ -41,12 +41,13 @@ def build_random_refiner(name: str, device, autocast: str | None):
     family = REFINERS[name].family
     if family == "segment-anything":
         from clipsam_jax.refine.sam import SamRefiner as refiner_class
-        from clipsam_jax.refine.sam_build import SAM_VARIANTS as variants
     elif family == "segment-anything-hq":
-        from clipsam_jax.refine.hq_sam import HQ_VARIANTS as variants
         from clipsam_jax.refine.hq_sam import HqSamRefiner as refiner_class
     else:
         raise SystemExit(f"{name}: no random build for the {family!r} family here")
+    from clipsam_jax.refine.sam_build import SAM_VARIANTS
+
+    variants = refiner_class.variants or SAM_VARIANTS  # the table from_config builds from
     model = variants[name].builder().to(device).eval()
     return refiner_class(model, autocast=autocast)
 

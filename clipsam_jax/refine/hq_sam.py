@@ -13,7 +13,6 @@ features).
 from __future__ import annotations
 
 import warnings
-from functools import partial
 
 import torch
 
@@ -22,49 +21,20 @@ with warnings.catch_warnings():
     # timm's own TinyViT entries: notices about that package, nothing a user can act on.
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", UserWarning)
-    from segment_anything_hq.modeling import (
-        ImageEncoderViT,
-        MaskDecoderHQ,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
+    import segment_anything_hq.modeling as hq_modules
+    from segment_anything_hq.modeling import Sam
 
-from clipsam_jax.config import RefineConfig, RuntimeConfig
 from clipsam_jax.refine.prompts import Prompts
 from clipsam_jax.refine.sam import SamRefiner
-from clipsam_jax.refine.sam_build import _TINY, TINY_SEED, SamVariant, build_sam
+from clipsam_jax.refine.sam_build import _TINY, SamVariant, build_tiny_sam
 
 HQ_BASE_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main/"  # the HQ-SAM authors' files
 
 
 def build_tiny_hq_sam() -> Sam:
-    """The tiny SAM of `sam_build.build_tiny_sam` with HQ-SAM's encoder and decoder, random
-    weights (torch seed `TINY_SEED`, in a forked RNG)."""
-    t = _TINY
-    size, dim, grid = t["img_size"], t["prompt_dim"], t["img_size"] // t["patch"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
-                img_size=size, patch_size=t["patch"], embed_dim=t["embed_dim"], depth=t["depth"],
-                num_heads=t["heads"], mlp_ratio=2.0, out_chans=dim, qkv_bias=True,
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-                window_size=8, global_attn_indexes=(1,),
-            ),
-            prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
-                                         input_image_size=(size, size), mask_in_chans=4),
-            mask_decoder=MaskDecoderHQ(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-                transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32,
-                vit_dim=t["embed_dim"],
-            ),
-            pixel_mean=[123.675, 116.28, 103.53],
-            pixel_std=[58.395, 57.12, 57.375],
-        )  # fmt: skip
-        torch.nn.init.normal_(sam.image_encoder.pos_embed, std=0.5)  # as the tiny SAM's
-    return sam.eval()
+    """`sam_build.build_tiny_sam` from HQ-SAM's modules: the same tiny SAM with HQ-SAM's
+    decoder, random weights."""
+    return build_tiny_sam(hq_modules, hq_modules.MaskDecoderHQ, vit_dim=_TINY["embed_dim"])
 
 
 def _registry_builder(name: str):
@@ -91,17 +61,7 @@ HQ_VARIANTS["tiny-random-hq"] = SamVariant("tiny-random-hq", build_tiny_hq_sam, 
 class HqSamRefiner(SamRefiner):
     """`SamRefiner` with HQ-SAM's model: one mask per box (see the module docstring)."""
 
-    @classmethod
-    def from_config(cls, config: RefineConfig, runtime: RuntimeConfig | None = None,
-                    **kwargs) -> HqSamRefiner:  # fmt: skip
-        runtime = runtime or RuntimeConfig()
-        model = build_sam(config.sam, config.sam_checkpoint, config.download_sam,
-                          runtime.sam_device, kwargs.pop("cache_dir", None),
-                          variants=HQ_VARIANTS)  # fmt: skip
-        backend = "inductor" if runtime.sam_compile else None
-        return cls(model, kwargs.pop("max_boxes_per_call", None),
-                   kwargs.pop("autocast", None) or config.sam_dtype, runtime.sam_images_per_call,
-                   runtime.sam_attention, backend)  # fmt: skip
+    variants = HQ_VARIANTS
 
     def masks_per_box(self, multimask: bool) -> int:
         return 1

@@ -110,6 +110,10 @@ class SamRefiner:
       images_encoded, boxes_decoded: counts. `reset_timers()` zeroes all five.
     """
 
+    # The model variants `from_config` builds from (None: `sam_build.SAM_VARIANTS`); a family
+    # with SAM's layout subclasses with its own table.
+    variants: dict | None = None
+
     def __init__(
         self,
         model: Sam,
@@ -151,9 +155,8 @@ class SamRefiner:
         if config.sam == "none":
             raise ConfigError("RefineConfig.sam is 'none': there is no SAM to build")
         runtime = runtime or RuntimeConfig()
-        model = build_sam(
-            config.sam, config.sam_checkpoint, config.download_sam, runtime.sam_device, cache_dir
-        )
+        model = build_sam(config.sam, config.sam_checkpoint, config.download_sam,
+                          runtime.sam_device, cache_dir, variants=cls.variants)  # fmt: skip
         backend = "inductor" if runtime.sam_compile else None
         return cls(model, max_boxes_per_call, autocast or config.sam_dtype,
                    runtime.sam_images_per_call, runtime.sam_attention, backend)  # fmt: skip

@@ -20,15 +20,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import segment_anything.modeling as _SEGMENT_ANYTHING_MODULES
 import torch
 from segment_anything import sam_model_registry
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
+from segment_anything.modeling import Sam
 
 from clipsam_jax.clip.weights import torch_load
 from clipsam_jax.errors import CheckpointError
@@ -70,26 +65,32 @@ class SamVariant:
 _TINY = {"img_size": 256, "patch": 16, "embed_dim": 64, "depth": 2, "heads": 2, "prompt_dim": 32}
 
 
-def build_tiny_sam() -> Sam:
-    """A small SAM from segment_anything's modules, random weights (torch seed `TINY_SEED`, in a
-    forked RNG: the global one is left untouched)."""
+def build_tiny_sam(modules: object | None = None, decoder: type | None = None,
+                   **decoder_options) -> Sam:  # fmt: skip
+    """A small SAM, random weights (torch seed `TINY_SEED`, in a forked RNG: the global one is
+    left untouched). `modules`: the package whose `Sam`, `ImageEncoderViT`, `PromptEncoder`,
+    `MaskDecoder` and `TwoWayTransformer` build it, default segment_anything's; a family with
+    SAM's layout passes its own, and its `decoder` class with `decoder_options`."""
     t = _TINY
     size, dim, grid = t["img_size"], t["prompt_dim"], t["img_size"] // t["patch"]
+    m = modules or _SEGMENT_ANYTHING_MODULES
+    decoder = decoder or m.MaskDecoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
+        sam = m.Sam(
+            image_encoder=m.ImageEncoderViT(
                 img_size=size, patch_size=t["patch"], embed_dim=t["embed_dim"], depth=t["depth"],
                 num_heads=t["heads"], mlp_ratio=2.0, out_chans=dim, qkv_bias=True,
                 norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
                 window_size=8, global_attn_indexes=(1,),
             ),
-            prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
-                                         input_image_size=(size, size), mask_in_chans=4),
-            mask_decoder=MaskDecoder(
+            prompt_encoder=m.PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
+                                           input_image_size=(size, size), mask_in_chans=4),
+            mask_decoder=decoder(
                 num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-                transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32,
+                transformer=m.TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64,
+                                                num_heads=2),
+                transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32, **decoder_options,
             ),
             pixel_mean=[123.675, 116.28, 103.53],
             pixel_std=[58.395, 57.12, 57.375],

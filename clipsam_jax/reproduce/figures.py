@@ -24,7 +24,21 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _png(figure) -> bytes:
+def _panels(title: str, note: str, count: int, width: float, height: float):
+    """A titled figure of `count` panels side by side: (figure, axes)."""
+    figure = _figure(width * count, height)
+    figure.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
+    return figure, figure.subplots(1, count, squeeze=False)[0]
+
+
+def _finish(figure, axes, legend_columns: int, legend_size: int) -> bytes:
+    """Percent axes from 0 to 100, one legend below the panels; the figure as PNG bytes."""
+    for ax in axes:
+        ax.set_ylim(0, 100)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[0].set_ylabel("percent", fontsize=8)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+                  ncol=legend_columns, fontsize=legend_size)  # fmt: skip
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -37,9 +51,7 @@ def _values(rows: list[dict], side: str, metric: str) -> np.ndarray:
 def bars(title: str, rows: list[dict], metrics: tuple[str, ...], note: str = "") -> bytes:
     """One panel per metric; per row (`{"label", "ours": {metric: %|None}, "paper": {...}}`) a
     bar of ours beside the paper's."""
-    figure = _figure(3.2 * len(metrics), 4.0)
-    figure.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
-    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
+    figure, axes = _panels(title, note, len(metrics), 3.2, 4.0)
     x = np.arange(len(rows))
     for ax, metric in zip(axes, metrics, strict=True):
         ours, paper = _values(rows, "ours", metric), _values(rows, "paper", metric)
@@ -50,21 +62,14 @@ def bars(title: str, rows: list[dict], metrics: tuple[str, ...], note: str = "")
                 ax.text(position, 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.set_title(METRIC_NAMES[metric], fontsize=9)
         ax.set_xticks(x, [r["label"] for r in rows], rotation=35, ha="right", fontsize=7)
-        ax.set_ylim(0, 100)
-        ax.tick_params(axis="y", labelsize=7)
-    axes[0].set_ylabel("percent", fontsize=8)
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2,
-                  fontsize=8)  # fmt: skip
-    return _png(figure)
+    return _finish(figure, axes, legend_columns=2, legend_size=8)
 
 
 def sweeps(title: str, groups: dict[str, list[dict]], metrics: tuple[str, ...],
            note: str = "") -> bytes:  # fmt: skip
     """One panel per swept parameter (`groups` {parameter: rows with "value"}); per metric a
     solid line of ours and a dashed line of the paper's over the parameter's values."""
-    figure = _figure(4.2 * len(groups), 4.4)
-    figure.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
-    axes = figure.subplots(1, len(groups), squeeze=False)[0]
+    figure, axes = _panels(title, note, len(groups), 4.2, 4.4)
     colors = ("#1f6fb4", "#d9822b", "#2e9e44", "#b42f2f")
     for ax, (parameter, rows) in zip(axes, groups.items(), strict=True):
         x = np.arange(len(rows))
@@ -75,9 +80,4 @@ def sweeps(title: str, groups: dict[str, list[dict]], metrics: tuple[str, ...],
                     label=f"{name} paper")  # fmt: skip
         ax.set_xticks(x, [r["value"] for r in rows], fontsize=8)
         ax.set_xlabel(SWEEP_NAMES.get(parameter, parameter), fontsize=8)
-        ax.set_ylim(0, 100)
-        ax.tick_params(axis="y", labelsize=7)
-    axes[0].set_ylabel("percent", fontsize=8)
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4,
-                  fontsize=7)  # fmt: skip
-    return _png(figure)
+    return _finish(figure, axes, legend_columns=4, legend_size=7)

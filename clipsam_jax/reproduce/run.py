@@ -111,20 +111,16 @@ def reproduce(settings: ReproduceConfig, *, runtime: RuntimeConfig = DEFAULT_RUN
     options.check(runtime)
     cells = select(build_plan(settings), settings.only)
     output = Path(settings.output)
-    plan = schedule(cells, output)
     if plan_only:  # before the data is there, too: sizes not on disk are the published ones
+        plan = schedule(cells, output)
         text, data = describe(cells, plan, finished(cells, plan, output), settings)
         print(text)
         return data
     check_inputs(settings, cells)
     with hold(output, "reproduction"):
         runtime = _use_compilation_cache(runtime, output)
-        refiners = _refiner_cache(runtime)
-        done = finished(cells, plan, output)
-        for cell in cells:  # every SAM the unfinished cells need loads before any work
-            if cell.id not in done:
-                refiners(plan.evaluations[plan.cells[cell.id]])
-        records = run_cells(cells, output, runtime=runtime, progress=progress, refiners=refiners)
+        records = run_cells(cells, output, runtime=runtime, progress=progress,
+                            refiners=_refiner_cache(runtime))  # fmt: skip
         report = report_lib.build(cells, records, config_lib.to_dict(settings), demo=demo)
         report_lib.write(output, report)
     return report

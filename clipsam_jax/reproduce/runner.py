@@ -143,7 +143,8 @@ def run_cells(
     """Train and evaluate what the unfinished cells need; write and return every cell's record.
 
     `refiners(config)` gives the refiner an evaluation uses (built once per SAM setting by the
-    caller), or None to let `evaluate` build it.
+    caller; called for every pending evaluation first, so that a SAM that cannot load fails
+    before any work), or None to let `evaluate` build it.
     """
     from clipsam_jax.eval_lib import evaluate
     from clipsam_jax.train_lib import train
@@ -152,6 +153,8 @@ def run_cells(
     done = finished(cells, plan, output)
     todo = [c for c in cells if c.id not in done]
     pending = list(dict.fromkeys(plan.cells[c.id] for c in todo))  # evaluation keys, in order
+    for eval_key in pending if refiners else ():
+        refiners(plan.evaluations[eval_key])
     trained: dict[str, tuple[str | None, float]] = {}  # training key -> (error, seconds)
     for number, eval_key in enumerate(pending, 1):
         evaluation = plan.evaluations[eval_key]

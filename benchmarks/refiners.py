@@ -2,7 +2,7 @@
 image encoder (seconds per image) and its whole refinement (encoder + prompts + decoder +
 upscaling, `refine_batch`), and the ratio to ViT-H in the same round.
 
-    python benchmarks/refiners.py                                  # ViT-H, HQ ViT-H, ViT-B, HQ ViT-B
+    python benchmarks/refiners.py                                  # every real variant
     python benchmarks/refiners.py --variants vit_h,hq_vit_h --repeats 3
     python benchmarks/refiners.py --quick                          # tiny models: checks the script
 
@@ -20,10 +20,14 @@ import common
 
 common.setup_path()
 
+# Every real variant, the reference first; ViT-L and HQ ViT-L sit between ViT-H and ViT-B.
+DEFAULT_VARIANTS = ("vit_h", "hq_vit_h", "sam2.1_hiera_l", "sam2.1_hiera_b+", "sam2.1_hiera_s",
+                    "sam2.1_hiera_t", "vit_b", "hq_vit_b")  # fmt: skip
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="vit_h,hq_vit_h,vit_b,hq_vit_b",
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help="comma-separated refiner names; the first is the reference")  # fmt: skip
     parser.add_argument("--images", type=int, default=1, help="images per refine_batch call")
     parser.add_argument("--boxes", type=int, default=3, help="boxes per image")
@@ -38,17 +42,8 @@ def build_random_refiner(name: str, device, autocast: str | None):
     """A refiner of registry variant `name` with random weights (no checkpoint needed)."""
     from clipsam_jax.refine.registry import REFINERS
 
-    family = REFINERS[name].family
-    if family == "segment-anything":
-        from clipsam_jax.refine.sam import SamRefiner as refiner_class
-    elif family == "segment-anything-hq":
-        from clipsam_jax.refine.hq_sam import HqSamRefiner as refiner_class
-    else:
-        raise SystemExit(f"{name}: no random build for the {family!r} family here")
-    from clipsam_jax.refine.sam_build import SAM_VARIANTS
-
-    variants = refiner_class.variants or SAM_VARIANTS  # the table from_config builds from
-    model = variants[name].builder().to(device).eval()
+    refiner_class = REFINERS[name].refiner_class()
+    model = refiner_class.variants[name].builder().to(device).eval()
     return refiner_class(model, autocast=autocast)
 
 
@@ -75,7 +70,11 @@ def main(argv=None) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = "bf16" if device.type == "cuda" else None
-    names = ["tiny-random", "tiny-random-hq"] if args.quick else args.variants.split(",")
+    names = (
+        ["tiny-random", "tiny-random-hq", "tiny-random-sam2"]
+        if args.quick
+        else args.variants.split(",")
+    )
     images, prompts = inputs(args.images, args.boxes)
     refiners = {name: build_random_refiner(name, device, autocast) for name in names}
 

@@ -584,7 +584,7 @@ def rough_model(run: Run, values: dict, state: dict) -> None:
 
 def end_to_end(run: Run, values: dict, state: dict) -> None:
     """`evaluate` on the generated set: data → CLIP+UMCI → MMR with SAM → metrics."""
-    _time_evaluate(run, values, state, compile_backend=None)
+    _time_evaluate(run, values, state, *_sam_refiner(run, state, compile_backend=None))
     state["end_to_end_images_per_second"] = values["images_per_second"]
     state["end_to_end_counts"] = (values["images"], values["sam_images_encoded"])
 
@@ -595,29 +595,37 @@ def end_to_end_compiled(run: Run, values: dict, state: dict) -> None:
     if not state["on_gpu"]:
         values["skipped"] = "GPU only (inductor's CPU build alone takes a minute for the tiny SAM)"
         return
-    _time_evaluate(run, values, state, compile_backend="inductor")
+    _time_evaluate(run, values, state, *_sam_refiner(run, state, compile_backend="inductor"))
     if "end_to_end_images_per_second" in state:
         values["speedup_over_eager"] = (
             values["images_per_second"] / state["end_to_end_images_per_second"]
         )
 
 
-def _time_evaluate(run: Run, values: dict, state: dict, compile_backend: str | None) -> None:
+def _sam_refiner(run: Run, state: dict, compile_backend: str | None):
+    """(SamRefiner, variant) of this run's SAM with the fastest attention measured
+    (sam_encoder section)."""
+    from clipsam_jax.refine.sam import SamRefiner
+
+    sam, variant = _sam(run, state)
+    attention = state.get("sam_attention", "flash")
+    refiner = SamRefiner(sam, autocast="bf16" if state["on_gpu"] else None,
+                         max_images_per_call=run.args.sam_batch, attention=attention,
+                         compile_backend=compile_backend)  # fmt: skip
+    return refiner, variant
+
+
+def _time_evaluate(run: Run, values: dict, state: dict, refiner, variant: str) -> None:
     """Two `evaluate` passes on the generated set (the first compiles), the second timed, with
-    a SamRefiner of the fastest SAM attention measured (sam_encoder section)."""
+    `refiner` (of registry name `variant`) for MMR; its encoder's FLOPs and MFU."""
     import numpy as np
     import torch
 
     from clipsam_jax.config import EvalConfig, RefineConfig
     from clipsam_jax.eval_lib import evaluate
-    from clipsam_jax.refine.sam import SamRefiner
 
     args, on_gpu = run.args, state["on_gpu"]
-    sam, variant = _sam(run, state)
-    sam_dtype = "bf16" if on_gpu else None
-    attention = state.get("sam_attention", "flash")  # the fastest of the sam_encoder section
-    refiner = SamRefiner(sam, autocast=sam_dtype, max_images_per_call=args.sam_batch,
-                         attention=attention, compile_backend=compile_backend)  # fmt: skip
+    sam_dtype = refiner.autocast
     # A random head's rough maps carry no defects: the threshold is set at a high quantile so
     # SAM gets a few boxes per image, as a trained head's maps give (no trained head here).
     threshold = float(np.quantile(state["rough_maps"], args.box_quantile))
@@ -653,7 +661,7 @@ def _time_evaluate(run: Run, values: dict, state: dict, compile_backend: str | N
     if refiner.images_encoded:
         sam_rate = refiner.images_encoded / max(refiner.encoder_seconds, 1e-9)
         values["sam_encoder_images_per_second"] = sam_rate
-        flops = _sam_encoder_flops(sam)
+        flops = _encoder_flops(refiner)
         values["sam_encoder_flops_per_image"] = flops
         values.update({f"sam_{k}": v for k, v in _mfu(flops * sam_rate, state).items()})
 
@@ -698,6 +706,8 @@ def sam_encoder(run: Run, values: dict, state: dict) -> None:
     import torch
     from sam_attention import profile_encoder, time_attention_modes
 
+    from clipsam_jax.refine.sam import SamRefiner
+
     if not (state["on_gpu"] or run.args.quick):
         values["skipped"] = "ViT-H on CPU: see benchmarks/sam_attention.py"
         return
@@ -709,7 +719,7 @@ def sam_encoder(run: Run, values: dict, state: dict) -> None:
                   **result)  # fmt: skip
     state["sam_attention"] = result["fastest"]
     rate = state["sam_eager_images_per_second"] = result["images_per_second"][result["fastest"]]
-    flops = _sam_encoder_flops(sam)
+    flops = _encoder_flops(SamRefiner(sam))
     values["flops_per_image"] = flops
     values.update({f"fastest_{k}": v for k, v in _mfu(flops * rate, state).items()})
     values["profile_of_fastest"] = profile_encoder(sam, min(batch, 4), result["fastest"], dtype)
@@ -731,16 +741,40 @@ def sam_compile(run: Run, values: dict, state: dict) -> None:
     )
 
 
-def _sam_encoder_flops(sam) -> float:
-    """FLOPs of one SAM image-encoder forward (torch's FLOP counter on a 1-image batch)."""
+def _encoder_flops(refiner) -> float:
+    """FLOPs of one image-encoder forward of a refiner of the SamRefiner family (torch's FLOP
+    counter on a 1-image batch, the uncompiled module)."""
+    import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    size = sam.image_encoder.img_size
-    device = next(sam.parameters()).device
+    batch, _ = refiner._preprocess([np.zeros((64, 64, 3), np.uint8)])  # the input size
+    encoder = refiner._image_encoder(refiner.model)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        sam.image_encoder(torch.zeros(1, 3, size, size, device=device))
+        encoder(torch.zeros_like(batch))
     return float(counter.get_total_flops())
+
+
+def refiners(run: Run, values: dict, state: dict) -> None:
+    """end_to_end with the other refiner families' largest variants (random weights, bf16 on
+    GPU, the same images, threshold and batching): HQ-SAM ViT-H and SAM 2.1 Hiera-L, each
+    with its encoder's images/s, FLOPs and MFU; the tiny ones with --quick."""
+    from refiners import build_random_refiner
+
+    names = (
+        ("tiny-random-hq", "tiny-random-sam2") if run.args.quick else ("hq_vit_h", "sam2.1_hiera_l")
+    )
+    device = "cuda" if state["on_gpu"] else "cpu"
+    for name in names:
+        refiner = build_random_refiner(name, device, "bf16" if state["on_gpu"] else None)
+        refiner.max_images_per_call = run.args.sam_batch
+        values[name] = {}
+        _time_evaluate(run, values[name], state, refiner, name)
+        if "end_to_end_images_per_second" in state:
+            values[name]["ratio_to_end_to_end"] = (
+                values[name]["images_per_second"] / state["end_to_end_images_per_second"]
+            )
+        del refiner
 
 
 def stage_costs(run: Run, values: dict, state: dict) -> None:
@@ -955,7 +989,8 @@ def main(argv=None) -> None:
                 ("clip_variants", clip_variants),
                 ("end_to_end_compiled", end_to_end_compiled), ("stage_costs", stage_costs),
                 ("torch_reference", torch_reference), ("bf16_effect", bf16_effect),
-                ("sam_compile", sam_compile), ("train_epoch", train_epoch)]  # fmt: skip
+                ("sam_compile", sam_compile), ("refiners", refiners),
+                ("train_epoch", train_epoch)]  # fmt: skip
     for name, fn in sections:
         if name != "setup" and "clip" not in state:
             run.report["skipped"].append(name)

@@ -51,6 +51,27 @@ def synthetic_data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def two_image_prompts():
+    """Two random images of different non-square shapes with 3 and 2 boxes, 4 points per box:
+    the refiner families' parity tests."""
+    import numpy as np
+
+    from clipsam_jax.refine.prompts import extract_prompts
+
+    sizes = ((90, 140), (120, 80))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in sizes]
+    prompts = []
+    for hw, spots in zip(sizes, ([(2, 1), (9, 10), (12, 2)], [(3, 3), (10, 9)]), strict=True):
+        rough = np.zeros((16, 16), np.float32)
+        for y, x in spots:
+            rough[y : y + 3, x : x + 3] = 0.9
+        prompts.append(extract_prompts(rough, 0.47, 4, hw, np.random.default_rng(1)))
+    assert [p.num_boxes for p in prompts] == [3, 2]
+    return images, prompts
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """`cli.run` sets up console logging (replacing the root logger's handlers); undo it after

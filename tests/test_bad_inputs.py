@@ -35,6 +35,11 @@ def world(tmp_path_factory, tiny_clip_dir, synthetic_data) -> dict[str, Path]:
     (root / "a_file").write_text("not a folder")
     (root / "random.pth").write_bytes(os.urandom(4096))
     (root / "photo.png").write_text("a text file renamed .png")
+    import torch
+
+    from clipsam_jax.refine.sam_build import build_tiny_sam
+
+    torch.save(build_tiny_sam().state_dict(), root / "tiny_sam.pth")  # a SAM (1) file
     return {"root": root, "clip": tiny_clip_dir, "data": synthetic_data}
 
 
@@ -98,6 +103,9 @@ CASES = {
     "SAM checkpoint of random bytes": (EVAL, lambda w: _eval(
         w, "--sam", "vit_b", "--sam-checkpoint", str(w["root"] / "random.pth")),
         "random.pth: cannot read it as a SAM checkpoint"),
+    "SAM 2.1 given a SAM 1 file": (EVAL, lambda w: _eval(
+        w, "--sam", "sam2.1_hiera_t", "--sam-checkpoint", str(w["root"] / "tiny_sam.pth")),
+        "tiny_sam.pth: not a sam2.1_hiera_t checkpoint (no image_encoder.trunk.patch_embed)"),
     "head missing": (EVAL, lambda w: [*_eval(w)[:4], *_eval(w)[5:], "--checkpoint",
                                       str(w["root"] / "no_run")], "--train DATASET"),
     "predict output is a file": (PREDICT, lambda w: [*_predict(w)[:1], *_predict(w)[3:],

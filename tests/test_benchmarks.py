@@ -332,7 +332,7 @@ def check_memory_scale(report: dict) -> None:
 RUN_ALL_SECTIONS = ("environment", "matmul_peak", "setup", "clip_encoder", "clip_profile",
                     "rough_model", "sam_encoder", "end_to_end", "clip_variants",
                     "end_to_end_compiled", "stage_costs", "torch_reference", "bf16_effect",
-                    "sam_compile", "train_epoch", "memory")  # fmt: skip
+                    "sam_compile", "refiners", "train_epoch", "memory")  # fmt: skip
 
 
 def check_run_all(report: dict) -> None:
@@ -374,6 +374,15 @@ def check_run_all(report: dict) -> None:
         assert close(values["images_per_second"], values["images"] / values["seconds"])
         assert close(sum(values["main_thread_seconds"].values()), values["seconds"], rel=1e-6)
         assert values["sam_boxes_decoded"] >= values["sam_images_encoded"] >= 0
+    if "refiners" in sections:  # the tiny HQ-SAM and SAM 2.1 with --quick
+        for name, values in sections["refiners"].items():
+            if name == "section_seconds":
+                continue
+            assert values["images"] == sections["setup"]["images"] and values["sam_variant"] == name
+            assert close(values["images_per_second"], values["images"] / values["seconds"])
+            assert values["sam_boxes_decoded"] >= values["sam_images_encoded"] >= 0
+            if values["sam_images_encoded"]:
+                assert values["sam_encoder_flops_per_image"] > 0
     if "clip_variants" in sections:
         values = sections["clip_variants"]
         variants = {k: v for k, v in values.items() if isinstance(v, dict) and "batch" in v}

@@ -166,8 +166,8 @@ ROWS = [
     ("reproduce-args", ["--demo"], "demo", True),
     ("reproduce-runtime", ["--compilation-cache", "xla"], "compilation_cache", "xla"),
 ]
-# Flags of other programs that the README shows (`ruff format --check`, pytest-xdist's).
-FOREIGN = {"--check", "--maxprocesses", "--dist"}
+# Flags of other programs that the README shows (`ruff format --check`, pytest-xdist's, pip's).
+FOREIGN = {"--check", "--maxprocesses", "--dist", "--no-build-isolation"}
 
 
 def _field(obj, dotted: str):

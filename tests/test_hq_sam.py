@@ -11,12 +11,10 @@ from clipsam_jax.config import RefineConfig, RuntimeConfig
 from clipsam_jax.errors import CheckpointError
 from clipsam_jax.refine.fusion import mmr_batch
 from clipsam_jax.refine.hq_sam import HQ_VARIANTS, HqSamRefiner
-from clipsam_jax.refine.prompts import extract_prompts
 from clipsam_jax.refine.registry import REFINERS, build_refiner
 from clipsam_jax.refine.sam_build import build_sam
 from tests.test_sam import assert_masks_agree
 
-SIZES = ((90, 140), (120, 80))  # non-square, two shapes in one batch
 CPU = RuntimeConfig(sam_device="cpu")
 
 
@@ -40,24 +38,9 @@ def refiner():
     return build_refiner(RefineConfig(sam="tiny-random-hq"), CPU)
 
 
-@pytest.fixture(scope="module")
-def batch():
-    """Two images with 3 and 2 boxes, 4 points per box."""
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in SIZES]
-    prompts = []
-    for hw, spots in zip(SIZES, ([(2, 1), (9, 10), (12, 2)], [(3, 3), (10, 9)]), strict=True):
-        rough = np.zeros((16, 16), np.float32)
-        for y, x in spots:
-            rough[y : y + 3, x : x + 3] = 0.9
-        prompts.append(extract_prompts(rough, 0.47, 4, hw, np.random.default_rng(1)))
-    assert [p.num_boxes for p in prompts] == [3, 2]
-    return images, prompts
-
-
 @pytest.mark.parametrize("multimask", [True, False])
-def test_batched_refiner_equals_hq_sams_predictor(refiner, batch, multimask):
-    images, prompts = batch
+def test_batched_refiner_equals_hq_sams_predictor(refiner, two_image_prompts, multimask):
+    images, prompts = two_image_prompts
     results = refiner.refine_batch(images, prompts, multimask)
     predictor = _predictor(refiner.model)
     for n, (image, p) in enumerate(zip(images, prompts, strict=True)):
@@ -75,9 +58,9 @@ def test_batched_refiner_equals_hq_sams_predictor(refiner, batch, multimask):
             np.testing.assert_allclose(s, scores[i], atol=1e-5)
 
 
-def test_hq_mask_is_not_sams_own(refiner, batch):
+def test_hq_mask_is_not_sams_own(refiner, two_image_prompts):
     """The HQ token changes the mask: the same weights' plain-SAM decoding differs."""
-    images, prompts = batch
+    images, prompts = two_image_prompts
     hq, _ = refiner.refine(images[0], prompts[0], multimask=False)
     model = refiner.model
     predictor = _predictor(model)
@@ -88,8 +71,8 @@ def test_hq_mask_is_not_sams_own(refiner, batch):
     assert (sam_only[0] != hq[0, 0]).any()
 
 
-def test_chunked_boxes_and_fused_attention_give_the_same_masks(refiner, batch):
-    images, prompts = batch
+def test_chunked_boxes_and_fused_attention_give_the_same_masks(refiner, two_image_prompts):
+    images, prompts = two_image_prompts
     want = refiner.refine_batch(images, prompts)
     chunked = HqSamRefiner(refiner.model, max_boxes_per_call=1, attention="stock")
     for (m, s), (wm, ws) in zip(chunked.refine_batch(images, prompts), want, strict=True):
@@ -97,8 +80,8 @@ def test_chunked_boxes_and_fused_attention_give_the_same_masks(refiner, batch):
         np.testing.assert_allclose(s, ws, atol=1e-5)
 
 
-def test_mmr_runs_through_hq_sam(refiner, batch):
-    images, _ = batch
+def test_mmr_runs_through_hq_sam(refiner, two_image_prompts):
+    images, _ = two_image_prompts
     roughs = np.zeros((2, 16, 16), np.float32)
     roughs[0, 2:5, 1:4] = 0.9
     results = mmr_batch(roughs, images, refiner, RefineConfig(sam="tiny-random-hq"),

@@ -86,3 +86,15 @@ def test_a_registered_family_is_built_and_used_by_the_commands(
     # and Norm_max(O + 3) = (O + 3) / (3 + max O), the max taken on the S x S grid.
     expected = (rough + 3.0) / (3.0 + result["rough_grid_score"])
     np.testing.assert_allclose(np.load(tmp_path / "out" / "part_map.npy"), expected, atol=1e-5)
+
+
+def test_a_family_whose_package_is_missing_says_how_to_install_it():
+    ghost = registry._Family("ghost", "no_such_package.refiner:GhostRefiner", "pip install ghost")
+    ghost.register({"ghost_l": "nowhere"})
+    try:
+        with pytest.raises(
+            ConfigError, match=r"'no_such_package'.*install it with: pip install ghost"
+        ):
+            registry.build_refiner(RefineConfig(sam="ghost_l"))
+    finally:
+        del registry.REFINERS["ghost_l"]

@@ -49,9 +49,10 @@ PUBLISHED = {
     "table4/aprilgan/mtd": (51.1, 16.6, 9.8, 17.2),
     "table4/aprilgan/ksdd2": (52.1, 10.7, 9.3, 13.3),
 }
-# The demo adds the tiny HQ-SAM beside the tiny SAM for Table 1's rows (the [hq] extra).
-DEMO_REFINERS = ("refiners/tiny-random/mvtec", "refiners/tiny-random/visa",
-                 "refiners/tiny-random-hq/mvtec", "refiners/tiny-random-hq/visa")  # fmt: skip
+# The demo adds the tiny HQ-SAM and SAM 2.1 beside the tiny SAM for Table 1's rows (the [hq]
+# and [sam2] extras).
+DEMO_REFINERS = tuple(f"refiners/{name}/{data}" for name in ("tiny-random", "tiny-random-hq",
+                      "tiny-random-sam2") for data in ("mvtec", "visa"))  # fmt: skip
 OPEN_CHOICES = ("open/fusion_norm/max", "open/fusion_norm/minmax", "open/fusion_norm/none",
                 "open/pro/mvtec", "open/pro/cflow", "open/stage_average/probabilities",
                 "open/stage_average/logits", "open/init/pytorch", "open/init/flax")  # fmt: skip
@@ -227,7 +228,7 @@ def demo(tmp_path_factory):
 
 def test_demo_runs_every_cell_and_reports_it(demo):
     output, content = demo
-    assert content["demo"] and content["counts"] == {"ok": 35, "failed": 0, "not run": 0}
+    assert content["demo"] and content["counts"] == {"ok": 37, "failed": 0, "not run": 0}
     rows = [r for section in content["sections"].values() for r in section["rows"]]
     assert [r["cell"] for r in rows] == [*PUBLISHED, *OPEN_CHOICES, *DEMO_REFINERS]
     for row in rows:
@@ -237,7 +238,9 @@ def test_demo_runs_every_cell_and_reports_it(demo):
         assert all(0 <= row["ours"][m] <= 100 for m in METRICS), row
         trained = row["cell"] != "table2/no_umci"
         assert row["protocol"]["epochs"] == (2 if trained else None), row["cell"]
-        refiner = "tiny-random-hq" if "tiny-random-hq" in row["cell"] else "tiny-random"
+        refiner = (
+            row["cell"].split("/")[1] if row["cell"].startswith("refiners/") else "tiny-random"
+        )
         assert row["protocol"]["sam"] == ("none" if "aprilgan" in row["cell"] else refiner)
     # SAM refined something: at thr 0.45 the final maps are not the rough ones (w/o MMR).
     ours = {r["cell"]: r["ours"] for r in rows}
@@ -251,7 +254,7 @@ def test_demo_runs_every_cell_and_reports_it(demo):
         assert picture.shape[0] > 200 and picture.std() > 10, section  # drawn, not blank
     # Shared work: one folder per distinct training and evaluation, one feature cache.
     assert len(list((output / "runs").iterdir())) == 12
-    assert len(list((output / "evals").iterdir())) == 22 + 2  # + the tiny HQ-SAM's two
+    assert len(list((output / "evals").iterdir())) == 22 + 4  # + tiny HQ-SAM's and SAM 2.1's
     assert len(list((output / "feature_cache").iterdir())) == 1  # one CLIP at one size
 
 

@@ -549,9 +549,11 @@ def test_wrong_variant_tiny_weights_as_vit_b(tmp_path, tiny):
 
 
 def test_wrong_variant_vit_h_shaped_tensors(tmp_path):
-    # Only the distinguishing tensor, shaped like vit_h's patch embedding (1280 channels).
+    # Only the distinguishing tensors: vit_h's patch embedding (1280 channels) and 32 blocks.
     path = tmp_path / "fake_vit_h.pth"
-    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1280, 3, 16, 16)}, path)
+    fake = {"image_encoder.patch_embed.proj.weight": torch.zeros(1280, 3, 16, 16)}
+    fake |= {f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(32)}
+    torch.save(fake, path)
     with pytest.raises(CheckpointError, match=r"--sam vit_b.*looks like vit_h"):
         build_sam("vit_b", checkpoint=path)
     with pytest.raises(CheckpointError, match="looks like vit_h"):
@@ -569,7 +571,7 @@ def test_corrupt_and_foreign_files(tmp_path):
         build_sam("vit_b", checkpoint=tensor)
     other = tmp_path / "other.pth"
     torch.save({"backbone.weight": torch.zeros(2)}, other)
-    with pytest.raises(CheckpointError, match="not a SAM checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a vit_b checkpoint \(no image_encoder\."):
         build_sam("vit_b", checkpoint=other)
 
 
@@ -618,7 +620,7 @@ def _fake_downloader(payload: bytes, calls: list):
 def test_download_verifies_then_moves(tmp_path, monkeypatch):
     payload = b"pretend checkpoint"
     prefix = hashlib.md5(payload).hexdigest()[:6]
-    spec = SamVariant("vit_test", SAM_VARIANTS["vit_b"].builder, 768, f"sam_vit_test_{prefix}.pth")
+    spec = SamVariant("vit_test", SAM_VARIANTS["vit_b"].builder, 768, 12, f"sam_vit_test_{prefix}.pth")
     calls: list = []
     monkeypatch.setattr(
         sam_build.torch.hub, "download_url_to_file", _fake_downloader(payload, calls)

@@ -46,16 +46,17 @@ def _registry_builder(name: str):
     return build
 
 
-def _variant(name: str, width: int) -> SamVariant:
-    return SamVariant(f"hq_{name}", _registry_builder(name), width, f"sam_hq_{name}.pth",
-                      base_url=HQ_BASE_URL, hashed_name=False)  # fmt: skip
+def _variant(name: str, width: int, blocks: int) -> SamVariant:
+    return SamVariant(f"hq_{name}", _registry_builder(name), width, blocks,
+                      f"sam_hq_{name}.pth", base_url=HQ_BASE_URL, hashed_name=False)  # fmt: skip
 
 
 HQ_VARIANTS: dict[str, SamVariant] = {
-    f"hq_{name}": _variant(name, width)
-    for name, width in (("vit_h", 1280), ("vit_l", 1024), ("vit_b", 768))
+    f"hq_{name}": _variant(name, width, blocks)
+    for name, width, blocks in (("vit_h", 1280, 32), ("vit_l", 1024, 24), ("vit_b", 768, 12))
 }
-HQ_VARIANTS["tiny-random-hq"] = SamVariant("tiny-random-hq", build_tiny_hq_sam, _TINY["embed_dim"])
+HQ_VARIANTS["tiny-random-hq"] = SamVariant("tiny-random-hq", build_tiny_hq_sam,
+                                           _TINY["embed_dim"], _TINY["depth"])  # fmt: skip
 
 
 class HqSamRefiner(SamRefiner):

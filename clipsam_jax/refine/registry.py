@@ -3,11 +3,13 @@
 An entry names a refiner, its family and how to build it from a `RefineConfig`. Families are
 imported only when one of their refiners is built, so the registry (and the CLI) load without
 torch. A new refiner family is one module with its refiner (numpy in and out, see `Refiner`)
-plus one `register` call per variant; `none` (rough maps only, no MMR) is an entry too.
+plus one `_Family(...).register` call naming its variants; `none` (rough maps only, no MMR) is an
+entry too.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +33,9 @@ class RefinerEntry:
     family: str
     build: Callable[[RefineConfig, RuntimeConfig | None], Refiner | None]
     weights: str  # where its weights come from, for messages and docs
+    # The family's refiner class, imported when called: for builds other than `build`'s
+    # (random weights in benchmarks); None for families without one.
+    refiner_class: Callable[[], type] | None = None
 
 
 REFINERS: dict[str, RefinerEntry] = {}
@@ -56,28 +61,56 @@ def build_refiner(config: RefineConfig, runtime: RuntimeConfig | None = None) ->
     return REFINERS[config.sam].build(config, runtime)
 
 
-def _segment_anything(config: RefineConfig, runtime: RuntimeConfig | None) -> Refiner:
-    from clipsam_jax.refine.sam import SamRefiner  # torch and segment_anything, only now
-
-    return SamRefiner.from_config(config, runtime)
+_RANDOM = "random weights, for tests and demos only"
 
 
-for _name, _file in (("vit_h", "4b8939"), ("vit_l", "0b3195"), ("vit_b", "01ec64")):
-    _weights = f"sam_{_name}_{_file}.pth (segment-anything; --download-sam fetches it)"
-    register(RefinerEntry(_name, "segment-anything", _segment_anything, _weights))
-register(RefinerEntry("tiny-random", "segment-anything", _segment_anything,
-                      "random weights, for tests and demos only"))  # fmt: skip
+@dataclass(frozen=True)
+class _Family:
+    """A refiner family whose refiner class (`module:cls`, with `variants` and `from_config`,
+    as `SamRefiner`) is imported only when one of its refiners is built."""
+
+    name: str
+    refiner: str
+    install: str  # the command that installs its package, for the missing-package error
+
+    def refiner_class(self) -> type:
+        module, cls = self.refiner.split(":")
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except ModuleNotFoundError as err:
+            raise ConfigError(
+                f"the {self.name} refiners need the package {err.name!r}, which is not "
+                f"installed; install it with: {self.install}"
+            ) from err
+
+    def build(self, config: RefineConfig, runtime: RuntimeConfig | None) -> Refiner:
+        return self.refiner_class().from_config(config, runtime)
+
+    def register(self, weights: dict[str, str]) -> None:
+        """One entry per variant; `weights`: variant name → where its weights come from."""
+        for name, source in weights.items():
+            register(RefinerEntry(name, self.name, self.build, source, self.refiner_class))
 
 
-def _hq_sam(config: RefineConfig, runtime: RuntimeConfig | None) -> Refiner:
-    from clipsam_jax.refine.hq_sam import HqSamRefiner  # needs the [hq] extra
-
-    return HqSamRefiner.from_config(config, runtime)
-
-
-for _name in ("vit_h", "vit_l", "vit_b"):
-    _weights = f"sam_hq_{_name}.pth (HQ-SAM's authors, Hugging Face lkeab/hq-sam; --download-sam)"
-    register(RefinerEntry(f"hq_{_name}", "segment-anything-hq", _hq_sam, _weights))
-register(RefinerEntry("tiny-random-hq", "segment-anything-hq", _hq_sam,
-                      "random weights, for tests and demos only"))  # fmt: skip
+_RANDOM = "random weights, for tests and demos only"
+_VIT_SIZES = ("vit_h", "vit_l", "vit_b")
+_Family("segment-anything", "clipsam_jax.refine.sam:SamRefiner", "pip install -e .").register({
+    **{name: f"sam_{name}_{file}.pth (segment-anything; --download-sam fetches it)"
+       for name, file in zip(_VIT_SIZES, ("4b8939", "0b3195", "01ec64"), strict=True)},
+    "tiny-random": _RANDOM,
+})  # fmt: skip
+_Family("segment-anything-hq", "clipsam_jax.refine.hq_sam:HqSamRefiner",
+        'pip install -e ".[hq]"').register({
+    **{f"hq_{name}": f"sam_hq_{name}.pth (HQ-SAM's authors, Hugging Face lkeab/hq-sam; "
+       "--download-sam)" for name in _VIT_SIZES},
+    "tiny-random-hq": _RANDOM,
+})  # fmt: skip
+# sam2 1.1.0 is a source distribution whose build imports torch: build it against the
+# installed torch, and without its CUDA extension (it serves video post-processing only).
+_Family("sam2", "clipsam_jax.refine.sam2:Sam2Refiner",
+        'SAM2_BUILD_CUDA=0 pip install --no-build-isolation -e ".[sam2]"').register({
+    **{f"sam2.1_hiera_{size}": f"sam2.1_hiera_{file}.pt (Meta's SAM 2.1 release; --download-sam)"
+       for size, file in (("t", "tiny"), ("s", "small"), ("b+", "base_plus"), ("l", "large"))},
+    "tiny-random-sam2": _RANDOM,
+})  # fmt: skip
 register(RefinerEntry("none", "none", lambda config, runtime: None, "no refiner: rough maps only"))

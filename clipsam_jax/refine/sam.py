@@ -26,7 +26,7 @@ from clipsam_jax.refine.sam_attention import (
     check_sam_attention,
     set_sam_attention,
 )
-from clipsam_jax.refine.sam_build import build_sam
+from clipsam_jax.refine.sam_build import SAM_VARIANTS, SamVariant, build_sam
 from clipsam_jax.refine.sam_decoder import decode_boxes
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,8 @@ class SamRefiner:
       images_encoded, boxes_decoded: counts. `reset_timers()` zeroes all five.
     """
 
-    # The model variants `from_config` builds from (None: `sam_build.SAM_VARIANTS`); a family
-    # with SAM's layout subclasses with its own table.
-    variants: dict | None = None
+    # The model variants `from_config` builds from; a family subclasses with its own table.
+    variants: dict[str, SamVariant] = SAM_VARIANTS
 
     def __init__(
         self,
@@ -128,15 +127,15 @@ class SamRefiner:
         if max_images_per_call < 1:
             raise ConfigError(f"max_images_per_call must be >= 1, got {max_images_per_call}")
         self.model = model
-        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.transform = self._input_transform(model)
         self.max_boxes_per_call = max_boxes_per_call
         self.max_images_per_call = max_images_per_call
         self.autocast = resolve_autocast(autocast, model.device)
         self.attention = check_sam_attention(attention)  # set on the model at each encoder call
         self.compile_backend = compile_backend
-        self._encoder = model.image_encoder
+        self._encoder = self._image_encoder(model)
         if compile_backend is not None:
-            self._encoder = torch.compile(model.image_encoder, backend=compile_backend)
+            self._encoder = torch.compile(self._encoder, backend=compile_backend)
         self._resize_pool: ThreadPoolExecutor | None = None  # made at the first batch
         self.reset_timers()
 
@@ -227,21 +226,51 @@ class SamRefiner:
         """k, the masks the decoder gives each box: SAM's three (multimask) or one."""
         return 3 if multimask else 1
 
-    def _encode(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """The encoder's output for n uint8 RGB images (SAM: embeddings (n, C, h, w)), and
-        their resized (H', W').
+    # The family hooks: a family whose model differs from SAM's in preprocessing, encoder
+    # output, prompt frame, decoder or upscaling overrides these (`refine.sam2`), and
+    # inherits the batching, timers, autocast and compilation.
+
+    @staticmethod
+    def _input_transform(model: torch.nn.Module) -> ResizeLongestSide:
+        """What maps images and prompts into the encoder's input frame (`self.transform`)."""
+        return ResizeLongestSide(model.image_encoder.img_size)
+
+    @staticmethod
+    def _image_encoder(model: torch.nn.Module) -> torch.nn.Module:
+        """The module `_encode` runs on a preprocessed batch (compiled when asked)."""
+        return model.image_encoder
+
+    def _preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """n uint8 RGB images → the encoder's input (n, 3, S, S) and their resized (H', W').
 
         `SamPredictor.set_image`'s steps: channel order, `ResizeLongestSide`, `Sam.preprocess`.
         """
+        if self.model.image_format == "BGR":
+            images = [image[..., ::-1] for image in images]
+        inputs, input_sizes = [], []
+        for resized in self._resize(images):
+            input_sizes.append(tuple(resized.shape[:2]))
+            x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
+            inputs.append(self.model.preprocess(x[None]))
+        return torch.cat(inputs), input_sizes
+
+    def _input_coords(self, xy: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """Pixel coordinates (..., 2) of an image of `original_size` → the encoder's frame."""
+        return self.transform.apply_coords_torch(xy, original_size)
+
+    def _upscale(
+        self, low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Low-resolution logits (q, k, h, w) → bool masks (q, k, H, W), as
+        `SamPredictor.predict_torch`: unpadded, resized, thresholded."""
+        logits = self.model.postprocess_masks(low_res, input_size, original_size)
+        return logits > self.model.mask_threshold
+
+    def _encode(self, images: list[np.ndarray]) -> tuple[object, list[tuple[int, int]]]:
+        """The encoder's output for n uint8 RGB images (SAM: embeddings (n, C, h, w)), and
+        their resized (H', W')."""
         with self._timed("preprocess_seconds"):
-            if self.model.image_format == "BGR":
-                images = [image[..., ::-1] for image in images]
-            inputs, input_sizes = [], []
-            for resized in self._resize(images):
-                input_sizes.append(tuple(resized.shape[:2]))
-                x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
-                inputs.append(self.model.preprocess(x[None]))
-            batch = torch.cat(inputs)
+            batch, input_sizes = self._preprocess(images)
         with self._timed("encoder_seconds"):
             # Set per call: other refiners may share this model with another attention.
             set_sam_attention(self.model, self.attention)
@@ -263,7 +292,7 @@ class SamRefiner:
 
     def _decode(
         self,
-        features: torch.Tensor,
+        features: object,
         prompts: list[Prompts],
         input_sizes: list[tuple[int, int]],
         original_sizes: list[tuple[int, int]],
@@ -271,17 +300,13 @@ class SamRefiner:
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Masks bool (q_i, k, H_i, W_i) and scores float32 (q_i, k) of the boxes of n images:
         `_decode_low_res`, then the masks upscaled as in `SamPredictor.predict_torch`."""
-        model = self.model
         with self._timed("decoder_seconds"):
             low_res, scores = self._decode_low_res(features, prompts, original_sizes, multimask)
             results = []
             for i in range(len(prompts)):
                 # Upscale in fp32 even under autocast: the threshold at the mask boundary is
                 # where half precision would flip pixels. A no-op for fp32.
-                logits = model.postprocess_masks(
-                    low_res[i].float(), input_sizes[i], original_sizes[i]
-                )
-                masks = logits > model.mask_threshold
+                masks = self._upscale(low_res[i].float(), input_sizes[i], original_sizes[i])
                 results.append((masks.cpu().numpy(), scores[i].float().cpu().numpy()))
         self.boxes_decoded += sum(p.num_boxes for p in prompts)
         return results
@@ -295,14 +320,12 @@ class SamRefiner:
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Low-resolution mask logits (q_i, k, 4h, 4w) and scores (q_i, k) of n images' boxes.
 
-        `features` (n, C, h, w): the n images' embeddings. All boxes go through the decoder
-        together (`decode_boxes`), in calls of at most `max_boxes_per_call` boxes and one group
-        per point count.
+        `features`: the n images' encoder output. All boxes go through the decoder together
+        (`_decode_rows`), in calls of at most `max_boxes_per_call` boxes and one group per
+        point count.
         """
-        model = self.model
         low_res: list[torch.Tensor | None] = [None] * len(prompts)
         scores: list[torch.Tensor | None] = [None] * len(prompts)
-        dense_pe = model.prompt_encoder.get_dense_pe()
         by_point_count: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_point_count.setdefault(p.points.shape[1], []).append(i)
@@ -320,10 +343,7 @@ class SamRefiner:
             for start in range(0, len(owner), step):
                 rows = slice(start, start + step)
                 points = None if coords is None else (coords[rows], labels[rows])
-                sparse, dense = model.prompt_encoder(points=points, boxes=boxes[rows],
-                                                     masks=None)  # fmt: skip
-                m, s = decode_boxes(model.mask_decoder, features[owner[rows]], dense_pe,
-                                    sparse, dense, multimask)  # fmt: skip
+                m, s = self._decode_rows(features, owner[rows], boxes[rows], points, multimask)
                 masks_parts.append(m)
                 iou_parts.append(s)
             for i, m, s in zip(images, torch.cat(masks_parts).split(counts),
@@ -331,18 +351,35 @@ class SamRefiner:
                 low_res[i], scores[i] = m, s
         return low_res, scores
 
+    def _decode_rows(
+        self,
+        features: torch.Tensor,
+        owner: torch.Tensor,
+        boxes: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution logits (Q, k, 4h, 4w) and scores (Q, k) of Q prompts in one decoder
+        call: boxes (Q, 4) and points ((Q, m, 2), (Q, m)) in the input frame, prompt j on the
+        image `owner[j]` of `features` (n, C, h, w)."""
+        model = self.model
+        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
+        dense_pe = model.prompt_encoder.get_dense_pe()
+        return decode_boxes(model.mask_decoder, features[owner], dense_pe, sparse, dense,
+                            multimask)  # fmt: skip
+
     def _prompt_tensors(
         self, prompts: list[Prompts], original_sizes: list[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Boxes (Q, 4), point coordinates (Q, m, 2) and labels (Q, m) in the encoder's input
         frame, stacked in image order; points None when m = 0."""
-        device, transform = self.device, self.transform
+        device = self.device
         boxes, coords, labels = [], [], []
         for p, size in zip(prompts, original_sizes, strict=True):
             box = torch.as_tensor(p.boxes, dtype=torch.float32, device=device)
-            boxes.append(transform.apply_boxes_torch(box, size))
+            boxes.append(self._input_coords(box.reshape(-1, 2, 2), size).reshape(-1, 4))
             point = torch.as_tensor(p.points, dtype=torch.float32, device=device)
-            coords.append(transform.apply_coords_torch(point, size))
+            coords.append(self._input_coords(point, size))
             labels.append(torch.as_tensor(p.point_labels, dtype=torch.int32, device=device))
         if prompts[0].points.shape[1] == 0:
             return torch.cat(boxes), None, None

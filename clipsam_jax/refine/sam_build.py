@@ -42,12 +42,17 @@ TINY_WARNING = (
 
 @dataclass(frozen=True)
 class SamVariant:
+    """A SAM-family model: how to build it, its checkpoint, and the encoder shape (patch
+    embedding width and block count) that tells its weights from another variant's."""
+
     name: str
-    builder: Callable[[], Sam]
-    embed_dim: int  # image_encoder.patch_embed width, distinguishes the variants
+    builder: Callable[[], torch.nn.Module]
+    embed_dim: int  # the encoder's patch-embedding width
+    blocks: int  # the encoder's transformer blocks (SAM 2.1's t and s share a width)
     filename: str | None = None  # official checkpoint; None = random weights (tiny)
     base_url: str = OFFICIAL_BASE_URL  # where the publisher serves `filename`
     hashed_name: bool = True  # the file name ends in a hash prefix the publisher gives
+    encoder_prefix: str = "image_encoder."  # the state-dict prefix of patch_embed and blocks
 
     @property
     def url(self) -> str | None:
@@ -102,10 +107,10 @@ def build_tiny_sam(modules: object | None = None, decoder: type | None = None,
 
 
 SAM_VARIANTS: dict[str, SamVariant] = {
-    "vit_h": SamVariant("vit_h", sam_model_registry["vit_h"], 1280, "sam_vit_h_4b8939.pth"),
-    "vit_l": SamVariant("vit_l", sam_model_registry["vit_l"], 1024, "sam_vit_l_0b3195.pth"),
-    "vit_b": SamVariant("vit_b", sam_model_registry["vit_b"], 768, "sam_vit_b_01ec64.pth"),
-    "tiny-random": SamVariant("tiny-random", build_tiny_sam, _TINY["embed_dim"]),
+    "vit_h": SamVariant("vit_h", sam_model_registry["vit_h"], 1280, 32, "sam_vit_h_4b8939.pth"),
+    "vit_l": SamVariant("vit_l", sam_model_registry["vit_l"], 1024, 24, "sam_vit_l_0b3195.pth"),
+    "vit_b": SamVariant("vit_b", sam_model_registry["vit_b"], 768, 12, "sam_vit_b_01ec64.pth"),
+    "tiny-random": SamVariant("tiny-random", build_tiny_sam, _TINY["embed_dim"], _TINY["depth"]),
 }
 
 
@@ -138,7 +143,7 @@ def build_sam(
         raise CheckpointError(f"unknown SAM variant {variant!r}; valid: {', '.join(variants)}")
     spec = variants[variant]
     path = _resolve_checkpoint(spec, checkpoint, download, cache_dir)
-    state = None if path is None else _load_state_dict(path)
+    state = None if path is None else _load_state_dict(path, spec)
     if state is not None:
         _check_variant(state, spec, path, variants)
     if spec.filename is None:
@@ -231,11 +236,12 @@ def verify_hash_prefix(path: Path, prefix: str) -> None:
         )
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors only (weights_only): a SAM checkpoint is a plain state dict."""
-    state = torch_load(path, "SAM checkpoint", "Pass segment-anything's checkpoint file (e.g. "
-                       "sam_vit_h_4b8939.pth) with --sam-checkpoint, or use --download-sam.")  # fmt: skip
-    # Some re-exports wrap the weights; the official files are the bare state dict.
+def _load_state_dict(path: Path, spec: SamVariant) -> dict[str, torch.Tensor]:
+    """Tensors only (weights_only): a SAM checkpoint is a state dict."""
+    official = f" ({spec.filename})" if spec.filename else ""
+    state = torch_load(path, "SAM checkpoint", f"Pass the {spec.name} checkpoint file{official} "
+                       "with --sam-checkpoint, or use --download-sam.")  # fmt: skip
+    # SAM's and HQ-SAM's files are the bare state dict, SAM 2's wrap it under "model".
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -244,32 +250,43 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def encoder_shape(state: dict[str, torch.Tensor], prefix: str) -> tuple[int, int] | None:
+    """(patch-embedding width, block count) of the encoder whose keys start with `prefix`,
+    None when the state dict has no such encoder."""
+    weight = state.get(f"{prefix}patch_embed.proj.weight")
+    if weight is None or weight.ndim != 4:
+        return None
+    blocks = {key[len(prefix) + 7 :].split(".", 1)[0]
+              for key in state if key.startswith(f"{prefix}blocks.")}  # fmt: skip
+    return weight.shape[0], len(blocks)
+
+
 def identify_variant(
     state: dict[str, torch.Tensor], variants: dict[str, SamVariant] | None = None
 ) -> str | None:
-    """The variant (of `variants`, default `SAM_VARIANTS`) whose encoder width matches the
-    state dict, None if none does."""
-    weight = state.get("image_encoder.patch_embed.proj.weight")
-    if weight is None or weight.ndim != 4:
-        return None
+    """The variant (of `variants`, default `SAM_VARIANTS`) whose encoder width and block count
+    match the state dict, None if none does."""
     for spec in (SAM_VARIANTS if variants is None else variants).values():
-        if weight.shape[0] == spec.embed_dim:
+        if encoder_shape(state, spec.encoder_prefix) == (spec.embed_dim, spec.blocks):
             return spec.name
     return None
 
 
 def _check_variant(state: dict[str, torch.Tensor], spec: SamVariant, path: Path,
                    variants: dict[str, SamVariant]) -> None:  # fmt: skip
-    """Fail early and clearly on weights of another SAM size (before building the model)."""
-    if "image_encoder.patch_embed.proj.weight" not in state:
-        raise CheckpointError(f"{path}: not a SAM checkpoint (no image_encoder.patch_embed)")
+    """Fail early and clearly on weights of another variant (before building the model)."""
+    shape = encoder_shape(state, spec.encoder_prefix)
+    if shape is None:
+        raise CheckpointError(
+            f"{path}: not a {spec.name} checkpoint (no {spec.encoder_prefix}patch_embed)"
+        )
     found = identify_variant(state, variants)
     if found != spec.name:
-        width = state["image_encoder.patch_embed.proj.weight"].shape[0]
-        looks = f"looks like {found}" if found else f"has an unknown encoder width {width}"
+        looks = f"looks like {found}" if found else "matches no known variant"
         raise CheckpointError(
-            f"{path}: SAM variant mismatch: --sam {spec.name} expects encoder width "
-            f"{spec.embed_dim}, but this checkpoint {looks}. Pass the matching --sam or file."
+            f"{path}: SAM variant mismatch: --sam {spec.name} expects an encoder of width "
+            f"{spec.embed_dim} with {spec.blocks} blocks, but this checkpoint's has width "
+            f"{shape[0]} with {shape[1]} blocks and {looks}. Pass the matching --sam or file."
         )
 
 

@@ -43,11 +43,17 @@ def _generate(folder: Path, seed: int) -> None:
                            images_per_class=count)  # fmt: skip
 
 
+# The other families' tiny models, each beside the tiny SAM where its extra is installed.
+DEMO_REFINERS = {"segment_anything_hq": "tiny-random-hq", "sam2": "tiny-random-sam2"}
+
+
 def _demo_refiners() -> tuple[str, ...] | None:
-    """The tiny HQ-SAM beside the tiny SAM, where the [hq] extra is installed."""
+    """The tiny refiners of the installed families (None: the tiny SAM alone)."""
     import importlib.util
 
-    return ("tiny-random-hq",) if importlib.util.find_spec("segment_anything_hq") else None
+    names = tuple(name for package, name in DEMO_REFINERS.items()
+                  if importlib.util.find_spec(package))  # fmt: skip
+    return names or None
 
 
 def prepare(

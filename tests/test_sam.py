@@ -620,7 +620,9 @@ def _fake_downloader(payload: bytes, calls: list):
 def test_download_verifies_then_moves(tmp_path, monkeypatch):
     payload = b"pretend checkpoint"
     prefix = hashlib.md5(payload).hexdigest()[:6]
-    spec = SamVariant("vit_test", SAM_VARIANTS["vit_b"].builder, 768, 12, f"sam_vit_test_{prefix}.pth")
+    spec = SamVariant(
+        "vit_test", SAM_VARIANTS["vit_b"].builder, 768, 12, f"sam_vit_test_{prefix}.pth"
+    )
     calls: list = []
     monkeypatch.setattr(
         sam_build.torch.hub, "download_url_to_file", _fake_downloader(payload, calls)

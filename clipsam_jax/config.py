@@ -133,6 +133,22 @@ class RefineConfig:
 
 
 @dataclass(frozen=True)
+class FewShotConfig:
+    """Few-shot mode (not the paper's; docs/method.md §5.4): k normal reference images per class,
+    whose CLIP patch features are a memory bank; a test patch far from all of them is
+    anomalous. The nearest-neighbour map joins the rough map before MMR, as APRIL-GAN's
+    few-shot mode joins its zero-shot map."""
+
+    shots: int = option(0, "k normal reference images per class (0: zero-shot, the paper's "
+                        "setting); drawn from the dataset's normal training images by --seed",
+                        minimum=0)  # fmt: skip
+    weight: float = option(
+        0.5, "w in O = (1-w)·O_rough + w·O_few-shot (0.5: APRIL-GAN's equal sum of the two "
+        "maps, halved to stay on the rough map's scale)", flag="--few-shot-weight",
+        minimum=0.0, maximum=1.0)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     dataset: str = option("mvtec", "dataset whose test split trains the head", flag="--train",
                           choices=DATASETS)  # fmt: skip
@@ -182,6 +198,7 @@ class EvalConfig:
     # head's own CLIP settings, the others come from its checkpoint (`resolve_clip`).
     clip_given: tuple[str, ...] = ()
     refine: RefineConfig = field(default_factory=RefineConfig)
+    few_shot: FewShotConfig = field(default_factory=FewShotConfig)
 
 
 def resolve_clip(
@@ -219,6 +236,9 @@ class RuntimeConfig:
     sam_attention: Literal["stock", "sdpa", "flash"] = option(
         "flash", "SAM encoder attention, the same function each way: relative positions folded "
         "into query/key (flash), as SDPA's mask (sdpa), or segment_anything's (stock)")  # fmt: skip
+    few_shot_chunk: int = option(4096, "memory-bank rows per step of the few-shot "
+                                 "nearest-neighbour search (memory: batch x patches x rows "
+                                 "similarities)", minimum=1)  # fmt: skip
     sam_compile: bool = option(False, "torch.compile SAM's image encoder: minutes of "
                                "compilation, then a faster encoder (large sets)")  # fmt: skip
     compilation_cache: str | None = option(
@@ -241,6 +261,16 @@ MOVED_TO_RUNTIME = {
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a (nested) config dataclass."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def identity(config: Any) -> dict[str, Any]:
+    """`to_dict` of a config as it identifies a result (cached evaluations, resumed classes):
+    a zero-shot `few_shot` section is left out, so results from before few-shot mode existed
+    keep their identity."""
+    values = to_dict(config)
+    if isinstance(config, EvalConfig) and not config.few_shot.shots:
+        del values["few_shot"]
+    return values
 
 
 def from_dict(cls: type, values: dict[str, Any]) -> Any:

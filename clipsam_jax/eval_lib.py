@@ -8,13 +8,14 @@ unweighted mean, `metrics.json`, optional maps and panels. Each finished class i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -26,10 +27,11 @@ from clipsam_jax import config as config_lib
 from clipsam_jax import options
 from clipsam_jax.config import DEFAULT_RUNTIME, EvalConfig, RuntimeConfig
 from clipsam_jax.data.pipeline import BatchLoader
-from clipsam_jax.data.registry import load_dataset
-from clipsam_jax.data.types import Sample
+from clipsam_jax.data.registry import load_dataset, reference_candidates, reference_split
+from clipsam_jax.data.types import Dataset, Sample
 from clipsam_jax.engine import Callback, RefinedBatch, notify, refined_batches
 from clipsam_jax.errors import ConfigError
+from clipsam_jax.few_shot import choose_references, reference_images
 from clipsam_jax.inference import RoughMapModel, check_inputs, load_rough_map_model
 from clipsam_jax.metrics import compute_metrics
 from clipsam_jax.metrics.report import format_table, mean_over_classes
@@ -69,7 +71,7 @@ METRICS_DEFINITION = 2
 def _class_key(config: EvalConfig, model: RoughMapModel) -> str:
     """Identity of a class result: everything that changes the maps or their metrics, not
     where they go."""
-    values = config_lib.to_dict(dataclasses.replace(config, output=None, classes=None))
+    values = config_lib.identity(dataclasses.replace(config, output=None, classes=None))
     values["metrics_definition"] = METRICS_DEFINITION
     values["clip_fingerprint"] = model.clip.fingerprint
     values["head"] = None if model.head_config is None else dataclasses.asdict(model.head_config)
@@ -133,6 +135,7 @@ class ClassRun:
     output: Path
     progress: bool = True
     callbacks: Sequence[Callback] = ()
+    references: Mapping[str, Sequence[Sample]] = dataclasses.field(default_factory=dict)
 
 
 def evaluate_class(name: str, samples: list[Sample], run: ClassRun) -> dict:
@@ -151,11 +154,18 @@ def _class_batches(
     reproduce metrics.json exactly (the rounding moves AUROC by < 1e-4)."""
     config = run.config
     panels = _panel_indices(samples, config.visualize_per_class)
+    size = run.model.clip.image_size
+    if name in run.references:  # few-shot: the class's memory bank, before its first batch
+        images = reference_images(run.references[name], size)
+        run.model.set_references(name, images, config.few_shot.weight)
     # uint8 images: normalized on the device (a quarter of the bytes to copy there).
-    loader = BatchLoader(samples, run.model.clip.image_size, config.batch_size, keep_rgb=True,
-                         normalized=False)  # fmt: skip
+    loader = BatchLoader(samples, size, config.batch_size, keep_rgb=True, normalized=False)
     steps = refined_batches(loader, run.model, run.refiner, config.refine, config.seed)
-    with tqdm(total=len(samples), desc=name, unit="img", disable=not run.progress) as bar:
+    with (
+        tqdm(total=len(samples), desc=name, unit="img", disable=not run.progress) as bar,
+        contextlib.ExitStack() as cleanup,
+    ):
+        cleanup.callback(run.model.set_references, name, None)  # one class's bank at a time
         for step in steps:
             rough, final = step.rough.astype(np.float16), step.finals()
             final = None if final is None else final.astype(np.float16)
@@ -283,7 +293,10 @@ def evaluate(
     if model is None:
         check_inputs(config.clip, config.checkpoint, config.no_umci, config.clip_given,
                      config.refine.sam_checkpoint, config.refine.sam != "none")  # fmt: skip
+    if config.few_shot.shots:
+        reference_split(config.dataset)  # a dataset without references fails before loading
     dataset = load_dataset(config.dataset, config.data_root, classes=config.classes)
+    references = choose_class_references(config, dataset)
     if refiner is None:  # before CLIP: a missing SAM checkpoint fails at once
         refiner = build_refiner(config.refine, runtime)
     model = model or load_rough_map_model(config.clip, config.checkpoint, config.no_umci,
@@ -313,7 +326,7 @@ def evaluate(
             record = output / "classes" / f"{name}.json"
             write_atomic(record, json.dumps({"key": key, "result": result}, indent=2))
 
-        run = ClassRun(model, refiner, config, output, progress, tuple(callbacks))
+        run = ClassRun(model, refiner, config, output, progress, tuple(callbacks), references)
         if overlap_classes(config, runtime):
             _evaluate_overlapped(todo, dataset, run, keep)
         else:
@@ -338,6 +351,13 @@ def evaluate(
         }
         if refiner is not None:
             report["final"] = _summaries(per_class, "final")
+        if references:
+            root = Path(config.data_root)
+            report["few_shot"] = {
+                "shots": config.few_shot.shots, "weight": config.few_shot.weight,
+                "references": {name: [_relative(s.image_path, root) for s in chosen]
+                               for name, chosen in sorted(references.items())},
+            }  # fmt: skip
         write_atomic(output / "metrics.json", json.dumps(report, indent=2))
         rows = {stage: {n: _nan(r[stage]) for n, r in per_class.items()} for stage in report
                 if stage in ("rough", "final")}  # fmt: skip
@@ -345,6 +365,26 @@ def evaluate(
         write_atomic(output / "table.md", markdown)
         write_atomic(output / "table.csv", csv)
         return report
+
+
+def choose_class_references(config: EvalConfig, dataset: Dataset) -> dict[str, list[Sample]]:
+    """The few-shot references of each class ({} for zero-shot): `config.few_shot.shots` of
+    the dataset's normal training images, drawn by `config.seed`, never a tested image."""
+    shots = config.few_shot.shots
+    if not shots:
+        return {}
+    candidates = reference_candidates(config.dataset, config.data_root, classes=sorted(dataset))
+    tested = [s.image_path for samples in dataset.values() for s in samples]
+    return {name: choose_references(candidates.get(name, []), shots, config.seed, name, tested)
+            for name in sorted(dataset)}  # fmt: skip
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to the dataset folder where it lies inside it, else as given."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def overlap_classes(config: EvalConfig, runtime: RuntimeConfig) -> bool:

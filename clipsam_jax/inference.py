@@ -30,6 +30,7 @@ from clipsam_jax.clip.loading import ClipModel, load_clip, looks_local, resolve_
 from clipsam_jax.clip.prompts import TextFeatures
 from clipsam_jax.config import DEFAULT_RUNTIME, ClipConfig, HeadConfig, RuntimeConfig
 from clipsam_jax.errors import CheckpointError
+from clipsam_jax.models.few_shot import build_bank, few_shot_map
 from clipsam_jax.models.heads import build_head, check_head_fits, head_rough_map
 from clipsam_jax.models.zero_shot import zero_shot_logits
 from clipsam_jax.parallel.mesh import data_mesh, pad_to, replicate, shard_batch, to_host
@@ -52,6 +53,7 @@ class RoughMapModel:
     attention: AttentionImpl | None = None  # None: clip.attention (clip.features.resolve_attention)
     conv_impl: str = "auto"  # the head's convolutions (RuntimeConfig.conv_impl)
     head_dtype: str = "float32"  # ClipConfig.head_dtype: "clip" computes the head in CLIP's dtype
+    bank_chunk: int = 4096  # RuntimeConfig.few_shot_chunk
 
     def __post_init__(self):
         self.mesh = self.mesh or data_mesh()
@@ -72,22 +74,67 @@ class RoughMapModel:
             )  # fmt: skip
 
         to_rough_map = head_rough_map(self.head_config)
+        align_corners = (self.head_config or HeadConfig()).align_corners
         attention = resolve_attention(self.attention or clip.attention, clip.module.dtype)
         fuse_qkv = resolve_fuse_qkv(None, attention)
 
-        def forward(clip_params, head_params, pixels, text):
+        def patch_tokens(clip_params, pixels):
             pixels = device_pixels(pixels).astype(clip.module.dtype)  # uint8: normalized here
-            features = clip.module.apply(
+            return clip.module.apply(
                 {"params": clip_params}, pixels, layers, attention,
                 fuse_qkv, method=vision_forward,
-            )  # fmt: skip
+            ).patch_tokens  # fmt: skip
+
+        def forward(clip_params, head_params, pixels, text, references):
+            tokens = patch_tokens(clip_params, pixels)
             if head is None:
-                logits = zero_shot_logits(clip, clip_params, features.patch_tokens, text)
+                logits = zero_shot_logits(clip, clip_params, tokens, text)
             else:
-                logits = head.apply({"params": head_params}, features.patch_tokens, text)
-            return to_rough_map(logits, clip.image_size)
+                logits = head.apply({"params": head_params}, tokens, text)
+            rough = to_rough_map(logits, clip.image_size)
+            if references is None:  # zero-shot: a separate trace, as None has no leaves
+                return rough
+            bank, weight = references
+            few_shot = few_shot_map(tokens, bank, clip.image_size, align_corners)
+            return (1.0 - weight) * rough + weight * few_shot
 
         self._forward = jax.jit(forward)
+        self._patch_tokens = jax.jit(patch_tokens)
+        self._banks: dict[str | None, tuple] = {}  # class name → replicated reference bank
+
+    def set_references(
+        self, class_name: str | None, images: np.ndarray | None, weight: float = 0.5
+    ) -> None:
+        """Make the k uint8 (k, S, S, 3) RGB `images` the normal references of `class_name`:
+        their patch features become its memory bank, and every later `submit` of that class
+        returns (1 - weight)·rough + weight·few-shot map (few-shot mode). None images drop
+        the class's bank."""
+        if images is None:
+            self._banks.pop(class_name, None)
+            return
+        layers = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            valid, pad = len(chunk), self.batch_size - len(chunk)
+            if pad:  # the one compiled batch shape
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            tokens = self._patch_tokens(self._clip_params, shard_batch(chunk, self.mesh))
+            layers.append([to_host(t)[:valid] for t in tokens])
+        per_layer = [np.concatenate(parts) for parts in zip(*layers, strict=True)]
+        bank = build_bank(per_layer, self.bank_chunk)
+        dtype = self.clip.module.dtype  # bf16 on accelerators: the CLIP features' own precision
+        arrays = (tuple(b.astype(dtype) for b in bank), np.float32(weight))
+        self._banks[class_name] = replicate(arrays, self.mesh)
+
+    def _bank(self, class_names: Sequence[str | None]) -> tuple | None:
+        """(bank, weight) of a chunk's class (None: zero-shot); one class per chunk."""
+        banks = {name for name in class_names if name in self._banks}
+        if not banks:
+            return None
+        if len(set(class_names)) > 1:
+            raise ValueError(f"a few-shot batch mixes classes {sorted(set(map(str, class_names)))}:"
+                             " each class has its own reference bank")  # fmt: skip
+        return self._banks[banks.pop()]
 
     def submit(self, images: np.ndarray, class_names: Sequence[str | None]) -> list:
         """Dispatch the rough maps of a batch without waiting for them (JAX runs them
@@ -108,14 +155,15 @@ class RoughMapModel:
                 names += [names[-1]] * pad
             out = self._forward(
                 self._clip_params, self._head_params, shard_batch(chunk, self.mesh),
-                shard_batch(self.text.batch(names), self.mesh),
+                shard_batch(self.text.batch(names), self.mesh), self._bank(names),
             )  # fmt: skip
             pending.append((out, valid))
         return pending
 
     @staticmethod
     def collect(pending: list) -> np.ndarray:
-        """The rough maps of a `submit`: float32 (B, S, S) in [0, 1]."""
+        """The rough maps of a `submit`: float32 (B, S, S) in [0, 1] (with a reference bank,
+        the few-shot combination, in [0, 1 + w])."""
         return np.concatenate([to_host(out)[:valid].astype(np.float32) for out, valid in pending])
 
     def __call__(self, images: np.ndarray, class_names: Sequence[str | None]) -> np.ndarray:
@@ -186,7 +234,8 @@ def load_rough_map_model(
     With a checkpoint, the CLIP model, S, feature layers and prompts come from the training run
     except the fields of `clip_config` named in `clip_given` (e.g. ("image_size",)); the head
     config (strip/scale, c_h, pools) always comes from the checkpoint. With `no_umci`,
-    `clip_config` is used as given. `runtime`: attention and convolution forms, cache folder.
+    `clip_config` is used as given. `runtime`: attention and convolution forms, cache folder,
+    the few-shot search's chunk.
     """
     head_config = head_params = None
     if not no_umci:
@@ -222,4 +271,5 @@ def load_rough_map_model(
     step = None if no_umci else meta.get("step")
     return RoughMapModel(clip, text, head_config, head_params, batch_size, clip_config, step,
                          mesh=mesh, conv_impl=runtime.conv_impl,
-                         head_dtype=clip_config.head_dtype)  # fmt: skip
+                         head_dtype=clip_config.head_dtype,
+                         bank_chunk=runtime.few_shot_chunk)  # fmt: skip

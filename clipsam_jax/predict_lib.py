@@ -49,12 +49,19 @@ from tqdm.auto import tqdm
 from clipsam_jax import config as config_lib
 from clipsam_jax import options
 from clipsam_jax.clip.prompts import object_name
-from clipsam_jax.config import DEFAULT_RUNTIME, ClipConfig, RefineConfig, RuntimeConfig
+from clipsam_jax.config import (
+    DEFAULT_RUNTIME,
+    ClipConfig,
+    FewShotConfig,
+    RefineConfig,
+    RuntimeConfig,
+)
 from clipsam_jax.data.image_io import IMAGE_SUFFIXES
 from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.types import Sample
 from clipsam_jax.engine import refined_batches
 from clipsam_jax.errors import ConfigError, DatasetError, ImageReadError
+from clipsam_jax.few_shot import choose_references, reference_images
 from clipsam_jax.inference import RoughMapModel, check_inputs, load_rough_map_model
 from clipsam_jax.options import option
 from clipsam_jax.outputs import png_bytes, write_atomic
@@ -88,7 +95,11 @@ class PredictConfig:
     seed: int = option(0, "seed of MMR's point sampling")
     clip: ClipConfig = field(default_factory=ClipConfig)
     clip_given: tuple[str, ...] = ()  # as EvalConfig.clip_given
+    reference_dir: str | None = option(
+        None, "folder of normal images of the part: few-shot mode, all of them as references "
+        "(or --shots of them, drawn by --seed)")  # fmt: skip
     refine: RefineConfig = field(default_factory=RefineConfig)
+    few_shot: FewShotConfig = field(default_factory=FewShotConfig)
 
 
 # --------------------------------------------------------------------------- inputs and names
@@ -202,7 +213,9 @@ def _write_summary(output: Path, rows: dict[int, dict], report: dict) -> None:
 # --------------------------------------------------------------------------- prediction
 
 
-def _model_settings(model: RoughMapModel, config: PredictConfig) -> dict:
+def _model_settings(
+    model: RoughMapModel, config: PredictConfig, references: list[Sample] | None
+) -> dict:
     return {
         "clip_fingerprint": model.clip.fingerprint,
         "clip": None if model.clip_config is None else config_lib.to_dict(model.clip_config),
@@ -212,7 +225,26 @@ def _model_settings(model: RoughMapModel, config: PredictConfig) -> dict:
         "sam": config.refine.sam,
         "refine": config_lib.to_dict(config.refine),
         "seed": config.seed,
-    }
+        "few_shot": None if references is None else {
+            "weight": config.few_shot.weight, "references": [str(s.image_path) for s in references],
+        },
+    }  # fmt: skip
+
+
+def choose_predict_references(config: PredictConfig, inputs: list[Path]) -> list[Sample] | None:
+    """The few-shot references of a prediction (None: zero-shot): the images of
+    `config.reference_dir`, or `config.few_shot.shots` of them drawn by `config.seed`; an image
+    also predicted is never one."""
+    shots = config.few_shot.shots
+    if config.reference_dir is None:
+        if shots:
+            raise ConfigError(f"--shots {shots} needs --reference-dir DIR, a folder of normal "
+                              "images of the part")  # fmt: skip
+        return None
+    paths, _ = find_images(config.reference_dir)
+    name = config.class_name or "object"
+    candidates = [Sample(p, None, name, "good", 0) for p in paths]
+    return choose_references(candidates, shots or len(candidates), config.seed, name, inputs)
 
 
 def _check_output(output: Path, inputs: Path) -> None:
@@ -282,6 +314,7 @@ def predict(
     inputs = Path(config.inputs).expanduser()
     _check_output(output, inputs)  # cheap checks first, before any model is loaded
     paths, root = find_images(inputs, config.recursive, exclude=output)
+    references = choose_predict_references(config, paths)
     if config.no_umci and config.checkpoint:
         logger.warning("--no-umci: the head in %s is not used", config.checkpoint)
     if model is None:  # the paths first; SAM before CLIP: a missing SAM file fails at once
@@ -299,7 +332,7 @@ def predict(
     threshold = config.refine.threshold if config.mask_threshold is None else config.mask_threshold
     job = {
         "output": output, "paths": paths, "names": output_names(paths, root),
-        "threshold": threshold, "model": _model_settings(model, config),
+        "threshold": threshold, "model": _model_settings(model, config, references),
         "prompt_object": object_name(config.class_name or None, model.text.object_mode),
         "map_scale": "value = pixel / 65535" if config.map_format == "png" else "float32 values",
     }  # fmt: skip
@@ -321,6 +354,9 @@ def predict(
     # The images as samples without masks, read in threads ahead of the model (uint8: the model
     # normalizes them on the device); unreadable ones are skipped.
     samples = [Sample(p, None, config.class_name or None, "", 0) for p in paths]
+    if references is not None:  # few-shot: the part's memory bank
+        images = reference_images(references, model.clip.image_size)
+        model.set_references(config.class_name or None, images, config.few_shot.weight)
     batches = BatchLoader(samples, model.clip.image_size, config.batch_size, keep_rgb=True,
                           normalized=False, on_error=skip)  # fmt: skip
     try:
@@ -342,6 +378,8 @@ def predict(
         report["complete"] = True
     finally:
         bar.close()
+        if references is not None:
+            model.set_references(config.class_name or None, None)
         if rows:  # also after an interruption: the summary of what is on disk
             _write_summary(output, rows, report)
     if report["skipped"]:

@@ -17,7 +17,7 @@ from clipsam_jax import cli
 from clipsam_jax.config import EvalConfig
 
 RUNTIME_FLAGS = ("clip_attention", "cache_dir", "overlap_classes", "sam_device",
-                 "sam_images_per_call", "sam_attention", "sam_compile")  # fmt: skip
+                 "sam_images_per_call", "sam_attention", "sam_compile", "few_shot_chunk")  # fmt: skip
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:

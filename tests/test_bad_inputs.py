@@ -106,6 +106,15 @@ CASES = {
     "SAM 2.1 given a SAM 1 file": (EVAL, lambda w: _eval(
         w, "--sam", "sam2.1_hiera_t", "--sam-checkpoint", str(w["root"] / "tiny_sam.pth")),
         "tiny_sam.pth: not a sam2.1_hiera_t checkpoint (no image_encoder.trunk.patch_embed)"),
+    "few-shot on a dataset without normal training images": (EVAL, lambda w: [
+        *_eval(w)[:2], "--data-root", str(w["data"] / "visa"), *_eval(w)[4:], "--test", "mtd",
+        "--shots", "2"], "mtd has no normal training images"),
+    "more shots than normal training images": (EVAL, lambda w: _eval(w, "--shots", "50"),
+                                               "--shots 50: class 'candle' has only"),
+    "few-shot weight above 1": (EVAL, lambda w: _eval(w, "--few-shot-weight", "2"),
+                                "--few-shot-weight"),
+    "predict shots without references": (PREDICT, lambda w: _predict(w, "--shots", "3"),
+                                         "--shots 3 needs --reference-dir DIR"),
     "head missing": (EVAL, lambda w: [*_eval(w)[:4], *_eval(w)[5:], "--checkpoint",
                                       str(w["root"] / "no_run")], "--train DATASET"),
     "predict output is a file": (PREDICT, lambda w: [*_predict(w)[:1], *_predict(w)[3:],

@@ -416,11 +416,25 @@ def check_run_all(report: dict) -> None:
     assert sections["memory"]["host_peak_rss_gib"] > 0
 
 
+def check_few_shot(report: dict) -> None:
+    speed = report["speed"]
+    seconds = speed["seconds_median"]
+    assert set(seconds) == {"clip_encoder", "few_shot_map", "torch_search"}
+    assert close(
+        speed["few_shot_fraction_of_clip"], seconds["few_shot_map"] / seconds["clip_encoder"]
+    )
+    assert speed["max_abs_difference_to_torch"] < 1e-3  # the same map, float32 on CPU
+    assert speed["bank_rows_per_layer"] == speed["shots"] * (speed["image_size"] // 14) ** 2
+    auroc = report["quality"]["pixel_auroc"]
+    assert list(auroc) == ["k0", "k1", "k2", "k4"] and all(0 <= v <= 1 for v in auroc.values())
+
+
 CHECKS = {
     "clip_features": check_clip_features,
     "text_features": check_text_features,
     "sam_attention": check_sam_attention,
     "refiners": check_refiners,
+    "few_shot": check_few_shot,
     "train_step": check_train_step,
     "run_all": check_run_all,
     "memory_scale": check_memory_scale,

@@ -1,4 +1,5 @@
-"""Data parallelism: 8 (virtual CPU) devices give the same maps and metrics as one device.
+"""Data parallelism: 8 (virtual CPU) devices give the same maps (zero- and few-shot) and
+metrics as one device.
 
 The device count of a JAX process is fixed when JAX starts, so this test runs its check in one
 child interpreter with `--xla_force_host_platform_device_count=8`.
@@ -46,6 +47,12 @@ CHILD = textwrap.dedent(
         assert model.batch_size == (3 if devices == 1 else 8)
         images = np.random.default_rng(0).normal(size=(11, 112, 112, 3)).astype(np.float32)
         maps = model(images, ["candle"] * 11)  # 11 images: ragged batches on both meshes
+        # Few-shot: the bank replicated, the batch sharded; a small chunk gives several steps.
+        references = np.random.default_rng(1).integers(0, 256, (3, 112, 112, 3), np.uint8)
+        model.bank_chunk = 50
+        model.set_references("candle", references, 0.5)
+        np.save(f"{out}/few_shot_{devices}.npy", model(images, ["candle"] * 11))
+        model.set_references("candle", None)
         tokens = BatchEncoder(clip, 3, mesh)(images)
         config = EvalConfig(dataset="visa", data_root=data_root, output=f"{out}/{devices}",
                             refine=RefineConfig(sam="none"), visualize_per_class=0)
@@ -70,6 +77,9 @@ def test_eight_devices_match_one(tiny_clip_dir, synthetic_data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "maps_8.npy"), np.load(tmp_path / "maps_1.npy"),
                                atol=1e-6)  # fmt: skip
+    few_shot = np.load(tmp_path / "few_shot_1.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "few_shot_8.npy"), few_shot, atol=1e-5)
+    assert np.abs(few_shot - np.load(tmp_path / "maps_1.npy")).max() > 1e-3  # the bank acted
     np.testing.assert_allclose(np.load(tmp_path / "tokens_8.npy"),
                                np.load(tmp_path / "tokens_1.npy"), rtol=1e-5, atol=1e-5)  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())

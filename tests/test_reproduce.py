@@ -53,6 +53,8 @@ PUBLISHED = {
 # and [sam2] extras).
 DEMO_REFINERS = tuple(f"refiners/{name}/{data}" for name in ("tiny-random", "tiny-random-hq",
                       "tiny-random-sam2") for data in ("mvtec", "visa"))  # fmt: skip
+# Table 1's ClipSAM rows given k normal images per class (APRIL-GAN's few-shot ks).
+FEW_SHOT = tuple(f"fewshot/{k}-shot/{data}" for k in (1, 2, 4) for data in ("mvtec", "visa"))
 OPEN_CHOICES = ("open/fusion_norm/max", "open/fusion_norm/minmax", "open/fusion_norm/none",
                 "open/pro/mvtec", "open/pro/cflow", "open/stage_average/probabilities",
                 "open/stage_average/logits", "open/init/pytorch", "open/init/flax")  # fmt: skip
@@ -61,8 +63,11 @@ OPEN_CHOICES = ("open/fusion_norm/max", "open/fusion_norm/minmax", "open/fusion_
 def test_the_published_numbers_are_the_papers_digits():
     assert paper_numbers() == PUBLISHED
     cells = {c.id: c for c in build_plan(ReproduceConfig())}
-    assert list(cells) == [*PUBLISHED, *OPEN_CHOICES]
+    assert list(cells) == [*PUBLISHED, *OPEN_CHOICES, *FEW_SHOT]
     for cell_id, cell in cells.items():
+        if cell_id in FEW_SHOT:  # APRIL-GAN's few-shot numbers: not on record yet
+            assert cell.paper == (None,) * 4 and cell.eval.few_shot.shots > 0, cell_id
+            continue
         expected = PUBLISHED.get(cell_id, PUBLISHED["table1/clipsam/mvtec"])  # open: main row
         assert cell.paper == expected, cell_id
 
@@ -71,8 +76,12 @@ def test_cells_share_trainings_and_evaluations():
     cells = build_plan(ReproduceConfig(data_root="d", epochs=3))
     plan = schedule(cells, Path("out"))
     # 10 heads trained on VisA (main, APRIL-GAN, 2 paths, 2 widths, 2 pools, 2 open choices)
-    # and 2 on MVTec-AD (main, APRIL-GAN); w/o UMCI trains nothing.
-    assert len(plan.trainings) == 12 and len(plan.evaluations) == 22
+    # and 2 on MVTec-AD (main, APRIL-GAN); w/o UMCI trains nothing. The few-shot rows evaluate
+    # Table 1's heads again, with 1, 2 and 4 references: 6 evaluations, no training.
+    assert len(plan.trainings) == 12 and len(plan.evaluations) == 22 + 6
+    for k in (1, 2, 4):
+        few = f"fewshot/{k}-shot/mvtec"
+        assert plan.needs[plan.cells[few]] == plan.needs[plan.cells["table1/clipsam/mvtec"]]
     main = plan.cells["table1/clipsam/mvtec"]
     sharing = sorted(c for c, key in plan.cells.items() if key == main)
     assert sharing == sorted(["table1/clipsam/mvtec", "table2/no_mmr", "table2/clipsam",
@@ -228,12 +237,16 @@ def demo(tmp_path_factory):
 
 def test_demo_runs_every_cell_and_reports_it(demo):
     output, content = demo
-    assert content["demo"] and content["counts"] == {"ok": 37, "failed": 0, "not run": 0}
+    assert content["demo"] and content["counts"] == {"ok": 43, "failed": 0, "not run": 0}
     rows = [r for section in content["sections"].values() for r in section["rows"]]
-    assert [r["cell"] for r in rows] == [*PUBLISHED, *OPEN_CHOICES, *DEMO_REFINERS]
+    assert [r["cell"] for r in rows] == [*PUBLISHED, *OPEN_CHOICES, *FEW_SHOT, *DEMO_REFINERS]
     for row in rows:
         main_row = "table1/clipsam/" + ("visa" if row["cell"].endswith("/visa") else "mvtec")
         expected = PUBLISHED.get(row["cell"], PUBLISHED[main_row])
+        if row["cell"] in FEW_SHOT:  # no published numbers on record: a dash, no difference
+            expected = (None,) * 4
+            assert row["protocol"]["shots"] == int(row["cell"].split("/")[1][0])
+            assert all(row["difference"][m] is None for m in METRICS)
         assert tuple(row["paper"][m] for m in METRICS) == expected, row["cell"]
         assert all(0 <= row["ours"][m] <= 100 for m in METRICS), row
         trained = row["cell"] != "table2/no_umci"
@@ -248,13 +261,14 @@ def test_demo_runs_every_cell_and_reports_it(demo):
     assert json.loads((output / "report.json").read_text()) == json.loads(json.dumps(content))
     text = (output / "report.md").read_text()
     assert report.DEMO_NOTE in text and "QUICK RUN" in text
-    for section in ("table1", "table2", "table3", "table4", "open", "refiners"):
+    for section in ("table1", "table2", "table3", "table4", "open", "fewshot", "refiners"):
         assert f"figures/{section}.png" in text
         picture = np.asarray(Image.open(output / "figures" / f"{section}.png").convert("L"))
         assert picture.shape[0] > 200 and picture.std() > 10, section  # drawn, not blank
     # Shared work: one folder per distinct training and evaluation, one feature cache.
     assert len(list((output / "runs").iterdir())) == 12
-    assert len(list((output / "evals").iterdir())) == 22 + 4  # + tiny HQ-SAM's and SAM 2.1's
+    # + 6 few-shot evaluations, + tiny HQ-SAM's and SAM 2.1's two each
+    assert len(list((output / "evals").iterdir())) == 22 + 6 + 4
     assert len(list((output / "feature_cache").iterdir())) == 1  # one CLIP at one size
 
 

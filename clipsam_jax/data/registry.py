@@ -46,3 +46,30 @@ def load_dataset(
     if classes is not None and not isinstance(classes, str):
         classes = list(classes)
     return LOADERS[name](root, split or DEFAULT_SPLITS[name], classes=classes)
+
+
+# Where each dataset keeps normal images outside its evaluated split: the few-shot references
+# (MVTec-AD train/good, VisA's and meta.json's train entries, KSDD2's defect-free train images).
+# MTD has no such split.
+REFERENCE_SPLITS = {"mvtec": "train", "visa": "train", "ksdd2": "train", "meta": "train"}
+
+
+def reference_split(name: str) -> str:
+    """The split of dataset `name` holding few-shot reference candidates; `DatasetError` for a
+    dataset without one (checked before any data is read)."""
+    if name not in REFERENCE_SPLITS:
+        raise DatasetError(
+            f"{name} has no normal training images to draw few-shot references from; "
+            f"--shots needs one of {', '.join(REFERENCE_SPLITS)} (or eval.predict's "
+            "--reference-dir)"
+        )
+    return REFERENCE_SPLITS[name]
+
+
+def reference_candidates(
+    name: str, root: str | PathLike, classes: Iterable[str] | str | None = None
+) -> Dataset:
+    """{class: normal samples} of dataset `name` that can serve as few-shot references: its
+    reference split (`reference_split`), anomalous images left out."""
+    dataset = load_dataset(name, root, reference_split(name), classes)
+    return {cls: [s for s in samples if s.label == 0] for cls, samples in dataset.items()}

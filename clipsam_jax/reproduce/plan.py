@@ -3,7 +3,8 @@
 A cell is one row of a published table: the head's training (a `TrainConfig`, or None for the
 zero-shot map), the evaluation (an `EvalConfig`), the stage whose metrics the row reports
 (final = after MMR, rough = the head's map) and the published numbers (`paper.json`). The
-"open" cells rerun the main row under each choice the paper leaves open. Cells whose configs
+"open" cells rerun the main row under each choice the paper leaves open, the "fewshot" cells
+it with k reference images (beside APRIL-GAN's few-shot numbers, `aprilgan_few_shot.json`). Cells whose configs
 are equal share one training or one evaluation (see `runner.schedule`).
 """
 
@@ -20,6 +21,7 @@ from clipsam_jax.config import (
     DEFAULT_CLIP,
     ClipConfig,
     EvalConfig,
+    FewShotConfig,
     HeadConfig,
     OptimConfig,
     RefineConfig,
@@ -30,13 +32,15 @@ from clipsam_jax.options import option
 from clipsam_jax.refine.registry import refiner_names
 
 METRICS = ("pixel_auroc", "pixel_f1_max", "pixel_ap", "pro")
-SECTIONS = ("table1", "table2", "table3", "table4", "open", "refiners")
+SECTIONS = ("table1", "table2", "table3", "table4", "open", "fewshot", "refiners")
 SECTION_TITLES = {
     "table1": "Table 1: MVTec-AD and VisA, each trained on the other",
     "table2": "Table 2: components, on MVTec-AD",
     "table3": "Table 3: hyperparameters, on MVTec-AD",
     "table4": "Table 4: MTD and KSDD2, trained on MVTec-AD",
     "open": "Open choices: the main MVTec-AD row under each choice the paper leaves open",
+    "fewshot": "Few-shot (not in the paper): Table 1's ClipSAM rows given k normal images per "
+    "class",
     "refiners": "Refiners: Table 1's ClipSAM rows with each refiner",
 }
 MAIN_CELL = "table1/clipsam/mvtec"
@@ -63,6 +67,9 @@ class ReproduceConfig:
     seed: int = option(0, "seed of every training and of MMR's point sampling")
     panels: int | None = option(None, "evaluation panels per class (default: eval.main's)",
                                 minimum=0)  # fmt: skip
+    shots: tuple[int, ...] = option(
+        (1, 2, 4), "k of the few-shot rows: Table 1's ClipSAM rows given k normal images per "
+        "class (eval.main --shots k), beside APRIL-GAN's few-shot numbers", minimum=1)  # fmt: skip
     refiners: tuple[str, ...] | None = option(
         None, "more refiners for Table 1's ClipSAM rows, side by side with --sam's: each NAME or "
         "NAME=CHECKPOINT, e.g. hq_vit_h=weights/sam_hq_vit_h.pth")  # fmt: skip
@@ -80,7 +87,7 @@ class Cell:
     train: TrainConfig | None
     eval: EvalConfig
     stage: Literal["final", "rough"]
-    paper: tuple[float, ...]
+    paper: tuple[float | None, ...]  # None: not on record
     sweep: tuple[str, str] | None = None
 
     @property
@@ -94,6 +101,15 @@ def paper_numbers() -> dict[str, tuple[float, ...]]:
     if tuple(data["metrics"]) != METRICS:
         raise ValueError(f"paper.json lists the metrics {data['metrics']}, expected {METRICS}")
     return {key: tuple(values) for key, values in data["rows"].items()}
+
+
+def few_shot_numbers() -> tuple[str, dict[str, tuple[float | None, ...]]]:
+    """(source, {cell id: APRIL-GAN's few-shot row, percent, `METRICS` order, None where not on
+    record}) from aprilgan_few_shot.json."""
+    data = json.loads(resources.files(__package__).joinpath("aprilgan_few_shot.json").read_text())
+    if tuple(data["metrics"]) != METRICS:
+        raise ValueError(f"aprilgan_few_shot.json lists {data['metrics']}, expected {METRICS}")
+    return data["source"], {key: tuple(values) for key, values in data["rows"].items()}
 
 
 def _training(settings: ReproduceConfig, dataset: str, **head) -> TrainConfig:
@@ -189,6 +205,22 @@ def build_plan(settings: ReproduceConfig) -> list[Cell]:
             train, evaluation = configs(value)
             add(f"open/{name}/{value}", label.format(value), "mvtec", train, evaluation,
                 sweep=(name, value), numbers=main)  # fmt: skip
+
+    _, few_shot = few_shot_numbers()
+    for shots in settings.shots:  # Table 1's heads and evaluations, k references per class
+        for tested, trained_on in (("mvtec", "visa"), ("visa", "mvtec")):
+            cell = f"fewshot/{shots}-shot/{tested}"
+            evaluation = dataclasses.replace(_evaluation(settings, tested),
+                                             few_shot=FewShotConfig(shots=shots))  # fmt: skip
+            add(
+                cell,
+                f"k = {shots}",
+                tested,
+                _training(settings, trained_on),
+                evaluation,
+                sweep=("shots", str(shots)),
+                numbers=few_shot.get(cell, (None,) * len(METRICS)),
+            )
 
     if settings.refiners:  # the main refiner first, then each other one; the same heads
         refiners = dict([(settings.sam or RefineConfig().sam, settings.sam_checkpoint)])

@@ -13,17 +13,22 @@ from pathlib import Path
 from clipsam_jax.config import OptimConfig
 from clipsam_jax.outputs import write_atomic
 from clipsam_jax.reproduce import figures
-from clipsam_jax.reproduce.plan import METRICS, SECTION_TITLES, SECTIONS, Cell
+from clipsam_jax.reproduce.plan import METRICS, SECTION_TITLES, SECTIONS, Cell, few_shot_numbers
 
 PAPER_EPOCHS = OptimConfig().epochs  # Sec. 4.1
 DEMO_NOTE = ("DEMO: tiny random models on generated data. These numbers exercise the pipeline; "
              "they are NOT ClipSAM results.")  # fmt: skip
+FEW_SHOT_SOURCE = few_shot_numbers()[0]
 PROTOCOL_NAMES = {
     "pro_mode": "PRO", "fusion_norm": "Norm", "threshold": "thr", "sam": "SAM",
     "image_size": "S", "clip_dtype": "CLIP dtype", "head_dtype": "head dtype", "seed": "seed",
     "epochs": "epochs", "init": "init", "stage_average": "stage average",
-    "metrics_mode": "metrics",
+    "metrics_mode": "metrics", "shots": "k",
 }  # fmt: skip
+
+
+def _difference(ours: float | None, paper: float | None) -> float | None:
+    return None if ours is None or paper is None else ours - paper
 
 
 def _row(cell: Cell, record: dict | None) -> dict:
@@ -42,7 +47,7 @@ def _row(cell: Cell, record: dict | None) -> dict:
         "error": (record or {}).get("error"),
         "ours": ours,
         "paper": paper,
-        "difference": {m: None if ours[m] is None else ours[m] - paper[m] for m in METRICS},
+        "difference": {m: _difference(ours[m], paper[m]) for m in METRICS},
         "protocol": (record or {}).get("protocol"),
         "evaluation": (record or {}).get("evaluation"),
         "commands": (record or {}).get("commands"),
@@ -138,6 +143,9 @@ def markdown(report: dict) -> str:
         if section == "open":
             lines += ["", "The paper column is the main row (Table 1, MVTec-AD): a choice whose "
                       "difference is smaller moves our numbers towards the paper's."]  # fmt: skip
+        if section == "fewshot":
+            lines += ["", f"The paper column is {FEW_SHOT_SOURCE}; ours are ClipSAM (Table 1's "
+                      "heads, with MMR) given k normal images per class (`--shots k`)."]  # fmt: skip
         if section == "refiners":
             lines += ["", "The paper column is Table 1's ClipSAM row (SAM ViT-H); the heads are "
                       "Table 1's, only the refiner differs."]  # fmt: skip

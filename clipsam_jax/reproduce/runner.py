@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def config_key(config) -> str:
     """12 hex digits identifying a config's content."""
-    text = json.dumps(config_lib.to_dict(config), sort_keys=True)
+    text = json.dumps(config_lib.identity(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -111,6 +111,7 @@ def _protocol(report: dict, train: TrainConfig | None) -> dict:
         "clip_dtype": resolve_dtype(config["clip"]["dtype"]).dtype.name,
         "head_dtype": config["clip"]["head_dtype"],
         "seed": config["seed"],
+        "shots": config.get("few_shot", {}).get("shots") or None,
         "epochs": None if train is None else train.optim.epochs,
         "init": head.get("init"),
         "stage_average": head.get("stage_average"),

@@ -38,6 +38,7 @@ import dataclasses
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -59,7 +60,7 @@ from clipsam_jax.config import (
 from clipsam_jax.data.image_io import IMAGE_SUFFIXES
 from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.types import Sample
-from clipsam_jax.engine import refined_batches
+from clipsam_jax.engine import Callback, notify, refined_batches
 from clipsam_jax.errors import ConfigError, DatasetError, ImageReadError
 from clipsam_jax.few_shot import choose_references, reference_images
 from clipsam_jax.inference import RoughMapModel, check_inputs, load_rough_map_model
@@ -299,8 +300,13 @@ def predict(
     progress: bool = True,
     model: RoughMapModel | None = None,
     refiner=None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict:
     """Predict anomaly maps for `config.inputs`; returns the content of predictions.json.
+
+    `callbacks` observe the run: `on_batch(class_name, step)` with each `engine.RefinedBatch`
+    (rough maps, prompts, SAM masks, timings), `on_image(index, entry)` with each image's entry
+    once its files are written (the web app builds its page from these).
 
     With a trained head the CLIP settings come from its checkpoint except those named in
     `config.clip_given`; with `no_umci`, `config.clip` is used. `model` / `refiner` inject
@@ -361,6 +367,7 @@ def predict(
                           normalized=False, on_error=skip)  # fmt: skip
     try:
         for step in refined_batches(batches, model, refiner, config.refine, config.seed):
+            notify(callbacks, "on_batch", config.class_name or None, step)
             # MMR seeded by the image's position in the sorted list of paths.
             rough_scores = step.rough_scores()
             final_scores = step.final_scores()
@@ -370,6 +377,7 @@ def predict(
             )):  # fmt: skip
                 entry = _predict_image(index, rgb, rough, result, (scores[i], rough_scores[i]),
                                        config, job)  # fmt: skip
+                notify(callbacks, "on_image", int(index), entry)
                 rows[index] = {"path": entry["image"], "score": entry["score"],
                                "rough_score": entry["rough_score"],
                                "sam_boxes": entry["sam_boxes"], "name": job["names"][index]}  # fmt: skip

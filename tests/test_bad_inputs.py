@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import eval.app
 import eval.main
 import eval.predict
 import eval.reproduce
@@ -69,6 +70,7 @@ def _reproduce(w, *extra):
 
 TRAIN, EVAL, PREDICT = train.main.main, eval.main.main, eval.predict.main
 REPRODUCE = eval.reproduce.main
+APP = eval.app.main
 # fmt: off
 CASES = {
     # name: (entry point, argv from the world, text the message must hold)
@@ -117,6 +119,10 @@ CASES = {
                                          "--shots 3 needs --reference-dir DIR"),
     "head missing": (EVAL, lambda w: [*_eval(w)[:4], *_eval(w)[5:], "--checkpoint",
                                       str(w["root"] / "no_run")], "--train DATASET"),
+    "app with a missing head": (APP, lambda w: ["--checkpoint", str(w["root"] / "no_run"),
+                                                "--clip", str(w["clip"]), "--port", "0"],
+                                "--train DATASET"),
+    "app with a port out of range": (APP, lambda w: ["--port", "70000"], "--port"),
     "predict output is a file": (PREDICT, lambda w: [*_predict(w)[:1], *_predict(w)[3:],
                                                      "--output", str(w["root"] / "a_file")],
                                  "a_file is a file"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import eval.app
 import eval.main
 import eval.predict
 import eval.reproduce
@@ -60,6 +61,8 @@ COMMANDS = {
         ["photos", "--output", "out"],
         lambda a: eval.predict.config_from_args(eval.predict.parse(a)),
     ),
+    "app": ([], lambda a: eval.app.config_from_args(eval.app.parse(a))),
+    "app-args": ([], eval.app.parse),
     "conversion.clip": (["model.pt", "--out", "o"], conversion_clip._parser().parse_args),
     "conversion.head export": (
         ["export", "--checkpoint", "runs/a", "--out", "h.pth"],
@@ -144,6 +147,14 @@ ROWS = [
     ("predict", ["--checkpoint", "runs/mvtec"], "checkpoint", "runs/mvtec"),
     ("predict", ["--output", "elsewhere"], "output", "elsewhere"),
     ("predict", ["--map-format", "npy"], "map_format", "npy"),
+    ("app", ["--host", "0.0.0.0"], "host", "0.0.0.0"),
+    ("app", ["--port", "8000"], "port", 8000),
+    ("app", ["--max-upload-mb", "5"], "max_upload_mb", 5),
+    ("app", ["--max-image-pixels", "1000"], "max_image_pixels", 1000),
+    ("app", ["--checkpoint", "runs/mvtec"], "checkpoint", "runs/mvtec"),
+    ("app", ["--sam", "vit_b"], "refine.sam", "vit_b"),
+    ("app", ["--clip", "weights/clip"], "clip.model", "weights/clip"),
+    ("app-args", ["--demo"], "demo", True),
     ("conversion.clip", ["--out", "weights/c"], "out", "weights/c"),
     ("conversion.clip", ["--expect", "ViT-L/14-336"], "expect", "ViT-L/14-336"),
     ("conversion.clip", ["--hidden-act", "gelu"], "hidden_act", "gelu"),

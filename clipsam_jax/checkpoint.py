@@ -81,14 +81,24 @@ def load_head(path: str | Path, step: int | None = None, hint: str = "") -> tupl
     """
     directory = head_directory(path, hint)
     options = ocp.CheckpointManagerOptions(create=False)
-    manager = ocp.CheckpointManager(directory.resolve(), options=options)
+    handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "opt_state": ocp.StandardCheckpointHandler()}  # fmt: skip
+    manager = ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{directory}: holds no completed checkpoint")
+        # Onto this process's first device, whatever devices saved it (a head trained over
+        # several processes or GPUs is evaluated anywhere).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = manager.item_metadata(step)["params"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              saved.tree)  # fmt: skip
         restored = manager.restore(
             step,
-            args=ocp.args.Composite(params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
         )
     except CheckpointError:
         raise

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -36,6 +37,7 @@ from clipsam_jax.inference import RoughMapModel, check_inputs, load_rough_map_mo
 from clipsam_jax.metrics import compute_metrics
 from clipsam_jax.metrics.report import format_table, mean_over_classes
 from clipsam_jax.outputs import hold, png_bytes, write_atomic
+from clipsam_jax.parallel.processes import gather_rows, is_primary, process_share
 from clipsam_jax.refine.registry import Refiner, build_refiner
 from clipsam_jax.visualize import panel
 
@@ -153,16 +155,24 @@ def _class_batches(
     the callbacks told. Maps are kept in float16, as saved with --save-maps, so saved maps
     reproduce metrics.json exactly (the rounding moves AUROC by < 1e-4)."""
     config = run.config
-    panels = _panel_indices(samples, config.visualize_per_class)
+    share = process_share(len(samples))  # every image in a one-process run
+    # Process 0 draws the panels, from its own share of the images.
+    panels = {int(share[i]) for i in _panel_indices([samples[i] for i in share],
+                                                    config.visualize_per_class)}  # fmt: skip
+    if not is_primary():
+        panels = set()
     size = run.model.clip.image_size
     if name in run.references:  # few-shot: the class's memory bank, before its first batch
         images = reference_images(run.references[name], size)
         run.model.set_references(name, images, config.few_shot.weight)
     # uint8 images: normalized on the device (a quarter of the bytes to copy there).
-    loader = BatchLoader(samples, size, config.batch_size, keep_rgb=True, normalized=False)
-    steps = refined_batches(loader, run.model, run.refiner, config.refine, config.seed)
+    loader = BatchLoader([samples[i] for i in share], size, config.batch_size, keep_rgb=True,
+                         normalized=False)  # fmt: skip
+    # Indices in the class, not in the share: MMR's seeds and the maps' rows follow them.
+    batches = ({**batch, "indices": share[batch["indices"]]} for batch in loader)
+    steps = refined_batches(batches, run.model, run.refiner, config.refine, config.seed)
     with (
-        tqdm(total=len(samples), desc=name, unit="img", disable=not run.progress) as bar,
+        tqdm(total=len(share), desc=name, unit="img", disable=not run.progress) as bar,
         contextlib.ExitStack() as cleanup,
     ):
         cleanup.callback(run.model.set_references, name, None)  # one class's bank at a time
@@ -186,8 +196,9 @@ def _class_batches(
 
 def class_maps(name: str, samples: list[Sample], run: ClassRun) -> ClassMaps:
     """The rough (and final) maps of one class, its masks, labels and image scores, writing its
-    panels."""
-    size, count = run.model.clip.image_size, len(samples)
+    panels. Over several processes each makes its share's, and all get the whole class."""
+    size, share = run.model.clip.image_size, process_share(len(samples))
+    count = len(share)
     sam = run.refiner is not None
     rough = np.zeros((count, size, size), np.float16)
     final = np.zeros((count, size, size), np.float16) if sam else None
@@ -196,12 +207,13 @@ def class_maps(name: str, samples: list[Sample], run: ClassRun) -> ClassMaps:
     rough_scores = np.zeros(count, np.float16)
     final_scores = np.zeros(count, np.float32) if sam else None
     for step, batch in _class_batches(name, samples, run):
-        indices = step.batch["indices"]
-        rough[indices], masks[indices], labels[indices] = batch.rough, batch.masks, batch.labels
-        rough_scores[indices] = batch.rough_scores
+        rows = np.searchsorted(share, step.batch["indices"])  # class indices → share rows
+        rough[rows], masks[rows], labels[rows] = batch.rough, batch.masks, batch.labels
+        rough_scores[rows] = batch.rough_scores
         if final is not None:
-            final[indices], final_scores[indices] = batch.final, batch.final_scores
-    return ClassMaps(rough, final, masks, labels, rough_scores, final_scores)
+            final[rows], final_scores[rows] = batch.final, batch.final_scores
+    maps = ClassMaps(rough, final, masks, labels, rough_scores, final_scores)
+    return ClassMaps(**gather_rows(maps._asdict(), len(samples)))
 
 
 def class_result(
@@ -289,6 +301,9 @@ def evaluate(
     """
     options.check(config)  # the flags' rules, for configs built in code too
     options.check(runtime)
+    if jax.process_count() > 1 and config.metrics == "streaming":
+        raise ConfigError("--metrics streaming runs in one process; use --metrics exact across "
+                          "processes")  # fmt: skip
     config = resolve_paths(config)
     if model is None:
         check_inputs(config.clip, config.checkpoint, config.no_umci, config.clip_given,
@@ -304,20 +319,19 @@ def evaluate(
     if model.clip_config is not None:
         config = dataclasses.replace(config, clip=model.clip_config)  # what actually ran
     output = Path(config.output)
+    if not is_primary():  # another process of a multi-process run: maps only, no files
+        return _evaluate_share(config, dataset, model, refiner, references, callbacks)
     with hold(output, "evaluation"):  # one live evaluation per output folder
         (output / "classes").mkdir(parents=True, exist_ok=True)
         key = _class_key(config, model)
         per_class = {}
         todo = []
         for name in sorted(dataset):
-            record = output / "classes" / f"{name}.json"
-            if record.is_file():
-                saved = json.loads(record.read_text())
-                maps_ok = not config.save_maps or (output / "maps" / f"{name}.npz").is_file()
-                if saved.get("key") == key and maps_ok:
-                    logger.info("%s: reusing the result in %s", name, record)
-                    per_class[name] = saved["result"]
-                    continue
+            saved = _saved_class(config, output, name, key)
+            if saved is not None:
+                logger.info("%s: reusing the result in classes/%s.json", name, name)
+                per_class[name] = saved
+                continue
             todo.append(name)
 
         def keep(name: str, result: dict) -> None:
@@ -365,6 +379,29 @@ def evaluate(
         write_atomic(output / "table.md", markdown)
         write_atomic(output / "table.csv", csv)
         return report
+
+
+def _saved_class(config: EvalConfig, output: Path, name: str, key: str) -> dict | None:
+    """A class's recorded result under `key` (with its maps file where asked), else None."""
+    record = output / "classes" / f"{name}.json"
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    maps_ok = not config.save_maps or (output / "maps" / f"{name}.npz").is_file()
+    return saved["result"] if saved.get("key") == key and maps_ok else None
+
+
+def _evaluate_share(config: EvalConfig, dataset: Dataset, model: RoughMapModel, refiner,
+                    references: dict, callbacks: Sequence[Callback]) -> dict:  # fmt: skip
+    """A process other than 0: its share of every class process 0 will compute (the same
+    classes: the records process 0 reads), handed over in `class_maps`' gather."""
+    key = _class_key(config, model)
+    output = Path(config.output)
+    run = ClassRun(model, refiner, config, output, False, tuple(callbacks), references)
+    todo = [name for name in sorted(dataset) if _saved_class(config, output, name, key) is None]
+    for name in todo:
+        class_maps(name, dataset[name], run)
+    return {"process": jax.process_index(), "classes": todo}
 
 
 def choose_class_references(config: EvalConfig, dataset: Dataset) -> dict[str, list[Sample]]:

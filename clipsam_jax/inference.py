@@ -49,14 +49,15 @@ class RoughMapModel:
     batch_size: int = 8
     clip_config: ClipConfig | None = None  # the settings `clip` was loaded with
     checkpoint_step: int | None = None
-    mesh: Mesh | None = None  # data-parallel devices; default: every device
+    mesh: Mesh | None = None  # data-parallel devices; default: this process's devices
     attention: AttentionImpl | None = None  # None: clip.attention (clip.features.resolve_attention)
     conv_impl: str = "auto"  # the head's convolutions (RuntimeConfig.conv_impl)
     head_dtype: str = "float32"  # ClipConfig.head_dtype: "clip" computes the head in CLIP's dtype
     bank_chunk: int = 4096  # RuntimeConfig.few_shot_chunk
 
     def __post_init__(self):
-        self.mesh = self.mesh or data_mesh()
+        # Each process computes its own images' maps (`parallel.processes`): no collective.
+        self.mesh = self.mesh or data_mesh(jax.local_devices())
         # One compiled shape for every call, split evenly over the devices.
         self.batch_size = pad_to(self.batch_size, self.mesh)
         self._clip_params = replicate(self.clip.params, self.mesh)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from clipsam_jax import config as config_lib
@@ -34,6 +35,15 @@ from clipsam_jax.errors import ConfigError, DatasetError, NonFiniteLossError
 from clipsam_jax.models.heads import check_head_fits
 from clipsam_jax.models.init import init_params
 from clipsam_jax.outputs import hold, write_atomic
+from clipsam_jax.parallel.mesh import (
+    data_mesh,
+    global_batch,
+    local_rows,
+    pad_to,
+    replicate,
+    to_host,
+)
+from clipsam_jax.parallel.processes import is_primary
 from clipsam_jax.train_step import TrainState, create_state, train_step_for
 
 logger = logging.getLogger(__name__)
@@ -145,22 +155,67 @@ def _logged_step(line: str) -> int | None:
 
 def _batches(
     config: TrainConfig, clip: ClipModel, samples: list[Sample], cache: FeatureCache | None,
-    encode: BatchEncoder | None, epoch: int, skip: int,
+    encode: BatchEncoder | None, epoch: int, skip: int, rows: tuple[int, int],
 ) -> Iterator[dict]:  # fmt: skip
-    """One epoch's training batches: {"tokens", "masks", "class_names"}, from the feature cache
-    or (no cache / mosaic) by running CLIP on freshly decoded images."""
+    """One epoch's training batches, this process's rows [start, stop) of each (every row in
+    one process): {"tokens", "masks", "class_names"} from the feature cache or (no cache /
+    mosaic) by running CLIP on freshly decoded images; {} for a step where this process has no
+    row (a ragged last batch), so that every process takes every step."""
     loader = BatchLoader(
         samples, clip.image_size, config.optim.batch_size, shuffle=True, seed=config.seed,
-        epoch=epoch, skip_batches=skip, mosaic_prob=0.5 if config.mosaic else 0.0,
+        epoch=epoch, skip_batches=skip, mosaic_prob=0.5 if config.mosaic else 0.0, rows=rows,
     )  # fmt: skip
+    positions = [p[slice(*rows)] for p in loader.batch_positions()[skip:]]
     if cache is not None:
         order = loader.order()
-        positions = loader.batch_positions()[skip:]
-        yield from cache.batches(samples, [order[p] for p in positions])
-        return
-    for batch in loader:
-        yield {"tokens": encode(batch["images"]), "masks": batch["masks"],
-               "class_names": batch["class_names"]}  # fmt: skip
+        reads = cache.batches(samples, [order[p] for p in positions if len(p)])
+    else:
+        reads = (
+            {"tokens": encode(batch["images"]), "masks": batch["masks"],
+             "class_names": batch["class_names"]}
+            for batch in loader
+        )  # fmt: skip
+    for p in positions:
+        yield next(reads) if len(p) else {}
+
+
+def _step_inputs(batch: dict, text: TextFeatures, layout: _BatchLayout) -> dict:
+    """The train step's global batch from this process's rows (`_batches`), padded with rows of
+    weight 0 up to the mesh's batch (a multiple of the device count)."""
+    count, valid = layout.rows[1] - layout.rows[0], len(batch.get("class_names", ()))
+
+    def place(local, shape: tuple[int, ...], dtype) -> jax.Array:
+        rows = np.zeros((count, *shape), dtype)
+        if valid:
+            rows[:valid] = local
+        return global_batch(rows, layout.mesh, layout.global_rows)
+
+    grid, size = layout.grid, layout.image_size
+    tokens = batch.get("tokens", [None] * layout.num_stages)
+    names = batch.get("class_names", [])
+    return {
+        "tokens": tuple(place(t, (grid, grid, layout.feature_dim), layout.token_dtype)
+                        for t in tokens),
+        "masks": place(batch.get("masks"), (size, size), bool),
+        "text": place(text.batch(names) if valid else None, layout.text_shape, np.float32),
+        "weights": place(np.ones(valid, np.float32), (), np.float32),
+    }  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchLayout:
+    """How a training batch lies on the devices: `mesh` (every device of every process), the
+    padded `global_rows` and this process's `rows` [start, stop) of them; the arrays' shapes."""
+
+    mesh: Mesh
+    global_rows: int
+    rows: tuple[int, int]
+    grid: int
+    image_size: int
+    feature_dim: int
+    num_stages: int
+    token_dtype: np.dtype
+    text_shape: tuple[int, ...]
 
 
 def train(
@@ -194,6 +249,8 @@ def train(
     check_head_fits(config.head, clip.grid, clip.image_size)
     text = TextFeatures(clip, config.clip.templates, config.clip.object_name, runtime.cache_dir,
                         normalization=config.clip.prompt_normalization)  # fmt: skip
+    if not is_primary():  # another process of a multi-process run: process 0 holds the workdir
+        return _run(config, runtime, clip, text, samples, False, on_step)
     with hold(workdir, "training"):  # one live run per workdir
         check_workdir(config)  # again, under the lock: another run may have started meanwhile
         # The inputs checked out: the workdir now holds this run's config, which later runs
@@ -223,29 +280,40 @@ def _run(config: TrainConfig, runtime: RuntimeConfig, clip: ClipModel, text: Tex
         head, config.seed, [(1, grid, grid, clip.feature_dim)] * num_stages,
         (1, 2, clip.text_dim), config.head.init,
     )  # fmt: skip
-    state = create_state(params, optimizer)
+    # Data parallelism over every device of every process: the state is replicated, each batch
+    # split over the devices (padded to a multiple of their count with rows of weight 0).
+    mesh = data_mesh()
+    global_rows = pad_to(config.optim.batch_size, mesh)
+    layout = _BatchLayout(
+        mesh, global_rows, local_rows(mesh, global_rows), grid, clip.image_size,
+        clip.feature_dim, num_stages,
+        np.dtype(np.float16 if cache is not None else clip.module.dtype), (2, clip.text_dim),
+    )  # fmt: skip
+    state = replicate(create_state(params, optimizer), mesh)
     checkpointer = HeadCheckpointer(workdir, config.max_to_keep)
     resumed_from = checkpointer.latest_step()
     if resumed_from is not None:
         params, opt_state, _ = checkpointer.restore(resumed_from, state.params, state.opt_state)
-        state = TrainState(step=np.int32(resumed_from), params=params, opt_state=opt_state)
+        step_array = replicate(np.int32(resumed_from), mesh)
+        state = TrainState(step=step_array, params=params, opt_state=opt_state)
         logger.info("resuming %s from step %d", workdir, resumed_from)
     steps_per_epoch = -(-len(samples) // config.optim.batch_size)
     total_steps = steps_per_epoch * config.optim.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    log = _LogFile(workdir / "train_log.jsonl", resumed_from or 0)
+    primary = is_primary()  # process 0 writes the log and summary (orbax coordinates the rest)
+    log = _LogFile(workdir / "train_log.jsonl", resumed_from or 0) if primary else None
     meta = {"config": config_lib.to_dict(config), "clip_fingerprint": clip.fingerprint,
             "feature_dim": clip.feature_dim, "text_dim": clip.text_dim,
             "num_stages": num_stages, "grid": grid}  # fmt: skip
 
     def save() -> None:
-        done = int(state.step)  # the state's own step: consistent with its params
+        done = int(to_host(state.step))  # the state's own step: consistent with its params
         if checkpointer.latest_step() != done:
             checkpointer.save(done, state.params, state.opt_state,
                               {**meta, "step": done, "epoch": done / steps_per_epoch})  # fmt: skip
 
-    step = int(state.step)
+    step = int(to_host(state.step))
     summary_path = workdir / "summary.json"
     if resumed_from is not None and step >= total_steps and summary_path.is_file():
         logger.info("%s is already trained to step %d; nothing to do", workdir, step)
@@ -256,12 +324,13 @@ def _run(config: TrainConfig, runtime: RuntimeConfig, clip: ClipModel, text: Tex
     try:
         while step < total_steps:
             epoch, skip = divmod(step, steps_per_epoch)
-            for batch in _batches(config, clip, samples, cache, encode, epoch, skip):
+            batches = _batches(config, clip, samples, cache, encode, epoch, skip, layout.rows)
+            for batch in batches:
                 started = time.perf_counter()
-                inputs = {"tokens": batch["tokens"], "masks": batch["masks"],
-                          "text": text.batch(batch["class_names"])}  # fmt: skip
-                state, metrics = train_step(state, inputs)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                images = min(config.optim.batch_size,
+                             len(samples) - (step % steps_per_epoch) * config.optim.batch_size)  # fmt: skip
+                state, metrics = train_step(state, _step_inputs(batch, text, layout))
+                metrics = {k: float(to_host(v)) for k, v in metrics.items()}
                 step += 1
                 if not np.isfinite(metrics["loss"]):
                     raise NonFiniteLossError(
@@ -269,11 +338,13 @@ def _run(config: TrainConfig, runtime: RuntimeConfig, clip: ClipModel, text: Tex
                         f"Checkpoints up to step {checkpointer.latest_step()} are intact. Lower "
                         "--lr or check the data (masks, images) of this epoch."
                     )
-                rate = len(batch["class_names"]) / (time.perf_counter() - started)
+                rate = images / (time.perf_counter() - started)
                 if step > (resumed_from or 0) + 1:  # the first step includes compilation
                     rates.append(rate)
                 last_loss = metrics["loss"]
-                log.write({"step": step, "epoch": epoch + 1, **metrics, "images_per_second": rate})
+                if log is not None:
+                    log.write({"step": step, "epoch": epoch + 1, **metrics,
+                               "images_per_second": rate})  # fmt: skip
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.4f}", img_s=f"{rate:.1f}")
                 if on_step is not None:
@@ -295,5 +366,6 @@ def _run(config: TrainConfig, runtime: RuntimeConfig, clip: ClipModel, text: Tex
         last_loss=last_loss, images_per_second=float(np.median(rates)) if rates else None,
         resumed_from=resumed_from,
     )  # fmt: skip
-    write_atomic(summary_path, json.dumps(dataclasses.asdict(summary), indent=2))
+    if primary:
+        write_atomic(summary_path, json.dumps(dataclasses.asdict(summary), indent=2))
     return summary

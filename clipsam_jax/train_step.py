@@ -48,7 +48,10 @@ def make_train_step(
     """A jitted `train_step(state, batch) -> (state, metrics)`.
 
     batch: {"tokens": tuple of (B, H, W, C) (float16 from the cache is fine), "text": (B, 2, C_t),
-    "masks": bool (B, S, S)}. metrics: scalar "loss", "grad_norm" and per-stage focal/dice.
+    "masks": bool (B, S, S), optionally "weights": float32 (B,), 0 for the rows that only pad
+    the batch to the device count}. The batch may be sharded over a mesh (data parallelism):
+    the loss is the mean over the whole batch, so the compiler averages the gradients across
+    devices and processes. metrics: scalar "loss", "grad_norm" and per-stage focal/dice.
     The caller checks that the loss is finite (the step itself stays pure).
     """
 
@@ -56,7 +59,8 @@ def make_train_step(
         def loss_fn(params):
             tokens = tuple(t.astype(jnp.float32) for t in batch["tokens"])
             logits = head.apply({"params": params}, tokens, batch["text"])
-            return total_loss(logits, batch["masks"], loss_config, align_corners)
+            return total_loss(logits, batch["masks"], loss_config, align_corners,
+                              batch.get("weights"))  # fmt: skip
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

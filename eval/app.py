@@ -41,6 +41,9 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
+    from clipsam_jax.parallel.processes import refuse_processes
+
+    refuse_processes("eval.app")  # several processes would each do all of it
     try:
         from clipsam_jax.app import server
     except ModuleNotFoundError as error:

@@ -52,11 +52,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print((directory / "table.md").read_text() + BANNER + f"\nresults in {directory}")
         return report
     from clipsam_jax.eval_lib import evaluate
+    from clipsam_jax.parallel.mesh import initialize_distributed
+    from clipsam_jax.parallel.processes import is_primary
 
+    initialize_distributed()  # a multi-process run (python -m clipsam_jax.launch) joins here
     report = evaluate(
         config_from_args(args), runtime=cli.runtime_from_args(args), progress=not args.no_progress
     )
-    print((Path(report["config"]["output"]) / "table.md").read_text())
+    if is_primary():
+        print((Path(report["config"]["output"]) / "table.md").read_text())
     return report
 
 

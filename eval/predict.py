@@ -38,6 +38,9 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
+    from clipsam_jax.parallel.processes import refuse_processes
+
+    refuse_processes("eval.predict")  # several processes would each do all of it
     from clipsam_jax.predict_lib import predict
 
     report = predict(

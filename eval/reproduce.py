@@ -35,6 +35,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse(argv)
+    from clipsam_jax.parallel.processes import refuse_processes
+
+    refuse_processes("eval.reproduce")  # several processes would each do all of it
     settings = options.from_args(ReproduceConfig, args)
     runtime = cli.runtime_from_args(args)
     if args.demo:

@@ -17,7 +17,7 @@ import eval.main
 import eval.predict
 import eval.reproduce
 import train.main
-from clipsam_jax import cli
+from clipsam_jax import cli, launch
 from conversion import clip as conversion_clip
 from conversion import head as conversion_head
 
@@ -147,6 +147,10 @@ CASES = {
     "export a missing head": (conversion_head.main, lambda w: [
         "export", "--checkpoint", str(w["root"] / "no_run"), "--out",
         str(w["root"] / "head.pth")], "no trained head here"),
+    "launch no processes": (launch.main, lambda w: ["--processes", "0", "--", "eval.main"],
+                            "--processes must be >= 1"),
+    "launch without a command": (launch.main, lambda w: ["--processes", "2"],
+                                 "give the command after --"),
 }
 # fmt: on
 # Words of a library's own error text that a message in our words never holds.
@@ -179,6 +183,34 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(case, world, capsys, m
     assert message in err, err
     assert not any(word in err for word in FOREIGN), err
     assert _tree(world["root"]) == before  # nothing written, nothing lost
+
+
+# Environments of a multi-process launch that a command cannot run in.
+PROCESS_CASES = {
+    "predict": (PREDICT, _predict, {"JAX_NUM_PROCESSES": "2"}, "eval.predict runs in one process"),
+    "reproduce": (REPRODUCE, _reproduce, {"JAX_NUM_PROCESSES": "2"},
+                  "eval.reproduce runs in one process"),
+    "app": (APP, lambda w: [], {"JAX_NUM_PROCESSES": "4"}, "eval.app runs in one process"),
+    "eval half a launch": (EVAL, _eval, {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"},
+                           "JAX_NUM_PROCESSES and JAX_PROCESS_ID not: set all three"),
+    "train half a launch": (TRAIN, _train, {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1",
+                                            "JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID not"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(PROCESS_CASES))
+def test_process_environment_is_checked_before_work(case, world, capsys, monkeypatch):
+    monkeypatch.chdir(world["root"])
+    entry, argv, environment, message = PROCESS_CASES[case]
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    before = _tree(world["root"])
+    assert _exit_status(entry, argv(world)) == 2
+    err = capsys.readouterr().err
+    assert message in err and not any(word in err for word in FOREIGN), err
+    assert _tree(world["root"]) == before
 
 
 HOLDER = """

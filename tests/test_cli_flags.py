@@ -19,7 +19,7 @@ import eval.main
 import eval.predict
 import eval.reproduce
 import train.main
-from clipsam_jax import cli, options
+from clipsam_jax import cli, launch, options
 from clipsam_jax.config import (
     ClipConfig,
     EvalConfig,
@@ -63,6 +63,7 @@ COMMANDS = {
     ),
     "app": ([], lambda a: eval.app.config_from_args(eval.app.parse(a))),
     "app-args": ([], eval.app.parse),
+    "app-runtime": ([], lambda a: cli.runtime_from_args(eval.app.parse(a))),
     "conversion.clip": (["model.pt", "--out", "o"], conversion_clip._parser().parse_args),
     "conversion.head export": (
         ["export", "--checkpoint", "runs/a", "--out", "h.pth"],
@@ -82,6 +83,7 @@ COMMANDS = {
     "data.download": (["mvtec"], download._parser().parse_args),
     "data.meta": (["--layout", "mvtec", "--root", "r"], meta._parser().parse_args),
     "benchmarks/run_all.py": ([], _run_all_parser),
+    "launch": (["--processes", "1"], lambda a: launch.parse([*a, "--", "eval.main"])[0]),
 }
 
 # (command, flag and its value, dotted field, expected value)
@@ -155,6 +157,7 @@ ROWS = [
     ("app", ["--sam", "vit_b"], "refine.sam", "vit_b"),
     ("app", ["--clip", "weights/clip"], "clip.model", "weights/clip"),
     ("app-args", ["--demo"], "demo", True),
+    ("app-runtime", ["--cache-dir", "weights/cache"], "cache_dir", "weights/cache"),
     ("conversion.clip", ["--out", "weights/c"], "out", "weights/c"),
     ("conversion.clip", ["--expect", "ViT-L/14-336"], "expect", "ViT-L/14-336"),
     ("conversion.clip", ["--hidden-act", "gelu"], "hidden_act", "gelu"),
@@ -180,6 +183,11 @@ ROWS = [
     ("reproduce", ["--output", "repro"], "output", "repro"),
     ("reproduce", ["--shots", "1,8"], "shots", (1, 8)),
     ("reproduce-args", ["--plan"], "plan", True),
+    ("launch", ["--processes", "4"], "processes", 4),
+    ("launch", ["--cpu-devices", "2"], "cpu_devices", 2),
+    ("launch", ["--gpus-per-process", "1"], "gpus_per_process", 1),
+    ("launch", ["--port", "5000"], "port", 5000),
+    ("launch", ["--timeout", "60"], "timeout", 60.0),
     ("reproduce-args", ["--demo"], "demo", True),
     ("reproduce-runtime", ["--compilation-cache", "xla"], "compilation_cache", "xla"),
 ]

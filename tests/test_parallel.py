@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipsam_jax.parallel.mesh import data_mesh, pad_to
+from clipsam_jax.parallel.mesh import data_mesh, global_batch, local_rows, pad_to
+from clipsam_jax.parallel.processes import gather_rows, process_share
 
 CHILD = textwrap.dedent(
     """
@@ -96,3 +97,16 @@ def test_pad_to_and_mesh_on_one_device():
     assert mesh.axis_names == ("data",)
     count = mesh.devices.size
     assert pad_to(1, mesh) == count and pad_to(count + 1, mesh) == 2 * count
+
+
+def test_one_process_holds_every_row_and_image():
+    """The multi-process helpers reduce to the plain case in one process (their multi-process
+    behaviour: tests/test_multiprocess.py)."""
+    mesh = data_mesh()
+    rows = pad_to(5, mesh)
+    assert local_rows(mesh, rows) == (0, rows)
+    batch = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+    np.testing.assert_array_equal(np.asarray(global_batch(batch, mesh, rows)), batch)
+    np.testing.assert_array_equal(process_share(5), np.arange(5))
+    maps = {"rough": np.ones((5, 2)), "final": None}
+    assert gather_rows(maps, 5) is maps

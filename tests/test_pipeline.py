@@ -120,6 +120,20 @@ def test_skip_batches_equals_dropping_the_first_batches(samples, mosaic_prob):
     assert list(BatchLoader(samples, S, 4, skip_batches=99)) == []
 
 
+@pytest.mark.parametrize("mosaic_prob", [0.0, 0.5])
+def test_rows_are_a_processes_share_of_each_batch(samples, mosaic_prob):
+    """rows=(start, stop): those rows of every batch, as the whole batch has them (a mosaic
+    too: it is drawn by position); a batch whose share is empty is left out."""
+    args = dict(shuffle=True, seed=3, epoch=1, mosaic_prob=mosaic_prob)
+    full = list(BatchLoader(samples, S, 8, **args))  # 21 images: 8, 8, 5
+    share = list(BatchLoader(samples, S, 8, rows=(6, 8), **args))
+    assert [len(b["indices"]) for b in share] == [2, 2]  # the last batch has no rows 6, 7
+    for whole, part in zip(full, share):
+        assert part["indices"].tolist() == whole["indices"][6:8].tolist()
+        assert np.array_equal(part["images"], whole["images"][6:8])
+        assert np.array_equal(part["mosaic"], whole["mosaic"][6:8])
+
+
 def test_ragged_last_batch_and_drop_last(samples):
     n = len(samples)  # 21
     loader = BatchLoader(samples, S, 8, num_workers=1)

@@ -115,6 +115,31 @@ def test_focal_and_dice_hand_computed():
     assert float(dice_loss(jnp.array([[[[30.0, -30.0]]]]), jnp.array([[[False]]]))) < 1e-6
 
 
+def test_zero_weight_rows_do_not_count():
+    """A batch padded for the devices (docs/method.md §5.5): rows of weight 0 leave the loss and
+    its gradient those of the real rows alone, whatever the padding holds."""
+    real = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 6, 2))
+    masks = jax.random.bernoulli(jax.random.PRNGKey(1), 0.3, (3, 6, 6))
+    padded = jnp.concatenate([real, jnp.full((2, 6, 6, 2), 7.0)])
+    padded_masks = jnp.concatenate([masks, jnp.ones((2, 6, 6), bool)])
+    weights = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0])
+    config = LossConfig(stage_weights=(1.0,), resolution="grid")
+
+    def loss(logits, masks, weights=None):
+        return total_loss([logits], masks, config, weights=weights)[0]
+
+    assert float(loss(padded, padded_masks, weights)) == pytest.approx(float(loss(real, masks)),
+                                                                       rel=1e-6)  # fmt: skip
+    grad = jax.grad(loss)(padded, padded_masks, weights)
+    np.testing.assert_allclose(grad[:3], jax.grad(loss)(real, masks), rtol=1e-5, atol=1e-9)
+    assert not np.any(grad[3:])
+    # Hand-computed: the dice of image 0 alone when it is the only row of weight 1.
+    one = jnp.array([1.0, 0.0, 0.0])
+    assert float(dice_loss(real, masks, weights=one)) == pytest.approx(
+        float(dice_loss(real[:1], masks[:1])), rel=1e-6
+    )
+
+
 def test_conv_formulations_agree():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 5, 6))
     params = Conv2D(4, impl="xla").init(jax.random.PRNGKey(1), x)

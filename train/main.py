@@ -30,6 +30,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None):
     args = parse(argv)
+    from clipsam_jax.parallel.mesh import initialize_distributed
+
+    initialize_distributed()  # a multi-process run (python -m clipsam_jax.launch) joins here
     summary = train(
         config_from_args(args), runtime=cli.runtime_from_args(args), progress=not args.no_progress
     )

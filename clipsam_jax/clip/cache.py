@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -21,6 +22,7 @@ from clipsam_jax.clip.loading import ClipModel, file_identity
 from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.types import Sample
 from clipsam_jax.parallel.mesh import data_mesh, pad_to, replicate, shard_batch, to_host
+from clipsam_jax.parallel.processes import barrier, process_share
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -31,14 +33,15 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 
 class BatchEncoder:
-    """CLIP patch tokens of host batches, data-parallel over a mesh (default: every device).
+    """CLIP patch tokens of host batches, data-parallel over a mesh (default: this process's
+    devices; in a multi-process run each process encodes its own images).
 
     Batches are padded to `batch_size` rounded up to a multiple of the device count, so one
     compiled shape serves every call.
     """
 
     def __init__(self, clip: ClipModel, batch_size: int, mesh: Mesh | None = None):
-        self.mesh = mesh or data_mesh()
+        self.mesh = mesh or data_mesh(jax.local_devices())
         self.batch_size = pad_to(batch_size, self.mesh)
         self.params = replicate(clip.params, self.mesh)
         self.encoder = make_image_encoder(clip)
@@ -79,10 +82,19 @@ class FeatureCache:
         self, samples: Sequence[Sample], batch_size: int = 8, num_workers: int = 4,
         progress: bool = True,
     ) -> int:  # fmt: skip
-        """Compute and store the features of every sample not cached yet; returns how many."""
+        """Compute and store the features of every sample not cached yet; returns how many.
+
+        In a multi-process run every process calls this: each computes and writes its share of
+        the missing entries (no file is written by two processes), then all wait for all."""
+        barrier("feature cache: listed")  # every process lists the same missing entries
         todo = self.missing(samples)
-        if not todo:
-            return 0
+        mine = [todo[i] for i in process_share(len(todo))]
+        if mine:
+            self._write(mine, batch_size, num_workers, progress)
+        barrier("feature cache: written")  # every entry is on disk before anyone reads it
+        return len(todo)
+
+    def _write(self, todo: list[Sample], batch_size: int, num_workers: int, progress: bool) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         loader = BatchLoader(todo, self.clip.image_size, batch_size, num_workers=num_workers)
         encode = BatchEncoder(self.clip, batch_size, self.mesh)
@@ -97,7 +109,6 @@ class FeatureCache:
                     writer.submit(_atomic_save, mask_path, np.packbits(batch["masks"][i]))
                 bar.update(len(batch["indices"]))
         bar.close()
-        return len(todo)
 
     def load(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """(float16 (L, H, W, C) tokens, bool (S, S) mask) of one cached sample."""

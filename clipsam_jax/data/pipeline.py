@@ -106,7 +106,8 @@ class BatchLoader:
     normalized: False hands out uint8 images for models that normalize them on the device
     (`RoughMapModel`, `make_image_encoder` take both). on_error(index, ImageReadError): called
     for an unreadable sample, which is left out of its batch (a batch left empty is not
-    yielded); None raises the error instead.
+    yielded); None raises the error instead. rows (start, stop): only those rows of each batch,
+    a process's share of a global batch (train_lib); a batch whose share is empty is not yielded.
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class BatchLoader:
         num_workers: int = 4, prefetch: int = 2, skip_batches: int = 0, keep_rgb: bool = False,
         mosaic_prob: float = 0.0, normalized: bool = True,
         on_error: Callable[[int, ImageReadError], None] | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
         if image_size < 1 or batch_size < 1 or prefetch < 1:
             raise ValueError("image_size, batch_size and prefetch must be positive")
@@ -126,6 +128,7 @@ class BatchLoader:
         self.num_workers, self.prefetch, self.skip_batches = num_workers, prefetch, skip_batches
         self.keep_rgb, self.mosaic_prob, self.normalized = keep_rgb, mosaic_prob, normalized
         self._by_class = _indices_by_class(self.samples)
+        self.rows = rows
 
     @property
     def num_batches(self) -> int:
@@ -151,7 +154,10 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         order = self.order()
-        jobs = [(pos, order[pos]) for pos in self.batch_positions()[self.skip_batches :]]
+        positions = self.batch_positions()[self.skip_batches :]
+        if self.rows is not None:
+            positions = [pos[slice(*self.rows)] for pos in positions]
+        jobs = [(pos, order[pos]) for pos in positions if len(pos)]
         if self.num_workers > 0:
             yield from self._threaded(jobs)
             return

@@ -195,6 +195,9 @@ PROCESS_CASES = {
                            "JAX_NUM_PROCESSES and JAX_PROCESS_ID not: set all three"),
     "train half a launch": (TRAIN, _train, {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1",
                                             "JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID not"),
+    "train a launch miscounted": (TRAIN, _train, {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1",
+                                                  "JAX_NUM_PROCESSES": "two",
+                                                  "JAX_PROCESS_ID": "0"}, "must be integers"),
 }  # fmt: skip
 
 

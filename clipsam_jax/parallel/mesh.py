@@ -1,8 +1,9 @@
 """Data parallelism over every device: a 1-D `Mesh` on the batch axis.
 
 Params are replicated, batches split along their first axis (padded to a multiple of the
-device count, `pad_to`). On several hosts, `initialize_distributed` joins the processes first
-and the mesh spans all hosts' devices.
+device count, `pad_to`). Over several processes, `initialize_distributed` joins them first;
+training's mesh then spans every process's devices (`local_rows`, `global_batch`), while the
+maps of an evaluation are made on each process's own devices (`parallel.processes`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ AXIS = "data"
 
 
 def initialize_distributed() -> bool:
-    """Join a multi-host run when the launcher set `JAX_COORDINATOR_ADDRESS` (with
-    `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`) or a cluster JAX detects (SLURM, TPU pods).
+    """Join a multi-process run when `JAX_COORDINATOR_ADDRESS` is set, with `JAX_NUM_PROCESSES`
+    and `JAX_PROCESS_ID` (set by `python -m clipsam_jax.launch`, or by a cluster job script).
     Returns whether this is a multi-process run. Must run before any other JAX call."""
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address and not jax.distributed.is_initialized():
@@ -33,8 +34,13 @@ def initialize_distributed() -> bool:
             raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} "
                               "not: set all three on every process (python -m "
                               "clipsam_jax.launch does)")  # fmt: skip
-        jax.distributed.initialize(address, int(os.environ["JAX_NUM_PROCESSES"]),
-                                   int(os.environ["JAX_PROCESS_ID"]))  # fmt: skip
+        try:
+            count, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except ValueError:
+            raise ConfigError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got "
+                              f"{os.environ['JAX_NUM_PROCESSES']!r} and "
+                              f"{os.environ['JAX_PROCESS_ID']!r}") from None  # fmt: skip
+        jax.distributed.initialize(address, count, index)
     return jax.process_count() > 1
 
 

@@ -51,6 +51,18 @@ def synthetic_data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch limited to one thread for a module (SAM's tests: `pytest.mark.usefixtures`): on two
+    shared cores its intra-op threads spin against the other test processes (50× slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def two_image_prompts():
     """Two random images of different non-square shapes with 3 and 2 boxes, 4 points per box:

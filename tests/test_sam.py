@@ -47,13 +47,7 @@ def assert_masks_agree(got: np.ndarray, want: np.ndarray, context: str = "") -> 
     return flipped
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Two shared cores: torch's intra-op threads spin against other processes (50× slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,10 @@ from tests.test_sam import assert_masks_agree
 
 CPU = RuntimeConfig(sam_device="cpu")
 # SAM 2's predictor scripts its transforms with torch.jit, which torch deprecates.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: torch's intra-op threads would spin
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 @pytest.fixture(scope="module")

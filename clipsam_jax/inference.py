@@ -19,13 +19,8 @@ from jax.sharding import Mesh
 
 from clipsam_jax import config as config_lib
 from clipsam_jax.checkpoint import head_directory, load_head
-from clipsam_jax.clip.features import (
-    AttentionImpl,
-    device_pixels,
-    resolve_attention,
-    resolve_fuse_qkv,
-    vision_forward,
-)
+from clipsam_jax.clip.cache import BatchEncoder
+from clipsam_jax.clip.features import AttentionImpl
 from clipsam_jax.clip.loading import ClipModel, load_clip, looks_local, resolve_local
 from clipsam_jax.clip.prompts import TextFeatures
 from clipsam_jax.config import DEFAULT_RUNTIME, ClipConfig, HeadConfig, RuntimeConfig
@@ -76,18 +71,13 @@ class RoughMapModel:
 
         to_rough_map = head_rough_map(self.head_config)
         align_corners = (self.head_config or HeadConfig()).align_corners
-        attention = resolve_attention(self.attention or clip.attention, clip.module.dtype)
-        fuse_qkv = resolve_fuse_qkv(None, attention)
-
-        def patch_tokens(clip_params, pixels):
-            pixels = device_pixels(pixels).astype(clip.module.dtype)  # uint8: normalized here
-            return clip.module.apply(
-                {"params": clip_params}, pixels, layers, attention,
-                fuse_qkv, method=vision_forward,
-            ).patch_tokens  # fmt: skip
+        # The references' patch tokens (few-shot banks) and the batches' come from one encoder.
+        self._encoder = BatchEncoder(clip, self.batch_size, self.mesh, params=self._clip_params,
+                                     attention=self.attention)  # fmt: skip
+        encode = self._encoder.encoder
 
         def forward(clip_params, head_params, pixels, text, references):
-            tokens = patch_tokens(clip_params, pixels)
+            tokens = encode(clip_params, pixels).patch_tokens  # uint8: normalized on the device
             if head is None:
                 logits = zero_shot_logits(clip, clip_params, tokens, text)
             else:
@@ -100,7 +90,6 @@ class RoughMapModel:
             return (1.0 - weight) * rough + weight * few_shot
 
         self._forward = jax.jit(forward)
-        self._patch_tokens = jax.jit(patch_tokens)
         self._banks: dict[str | None, tuple] = {}  # class name → replicated reference bank
 
     def set_references(
@@ -113,16 +102,7 @@ class RoughMapModel:
         if images is None:
             self._banks.pop(class_name, None)
             return
-        layers = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            valid, pad = len(chunk), self.batch_size - len(chunk)
-            if pad:  # the one compiled batch shape
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            tokens = self._patch_tokens(self._clip_params, shard_batch(chunk, self.mesh))
-            layers.append([to_host(t)[:valid] for t in tokens])
-        per_layer = [np.concatenate(parts) for parts in zip(*layers, strict=True)]
-        bank = build_bank(per_layer, self.bank_chunk)
+        bank = build_bank(list(self._encoder(images)), self.bank_chunk)
         dtype = self.clip.module.dtype  # bf16 on accelerators: the CLIP features' own precision
         arrays = (tuple(b.astype(dtype) for b in bank), np.float32(weight))
         self._banks[class_name] = replicate(arrays, self.mesh)

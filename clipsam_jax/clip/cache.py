@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from clipsam_jax.clip.features import make_image_encoder
+from clipsam_jax.clip.features import AttentionImpl, make_image_encoder
 from clipsam_jax.clip.loading import ClipModel, file_identity
 from clipsam_jax.data.pipeline import BatchLoader
 from clipsam_jax.data.types import Sample
@@ -40,11 +40,13 @@ class BatchEncoder:
     compiled shape serves every call.
     """
 
-    def __init__(self, clip: ClipModel, batch_size: int, mesh: Mesh | None = None):
+    def __init__(self, clip: ClipModel, batch_size: int, mesh: Mesh | None = None, *,
+                 params=None, attention: AttentionImpl | None = None):  # fmt: skip
         self.mesh = mesh or data_mesh(jax.local_devices())
         self.batch_size = pad_to(batch_size, self.mesh)
-        self.params = replicate(clip.params, self.mesh)
-        self.encoder = make_image_encoder(clip)
+        # `params`: CLIP's params already replicated on `mesh` by their holder (not copied again).
+        self.params = replicate(clip.params, self.mesh) if params is None else params
+        self.encoder = make_image_encoder(clip, attention)
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """images (N, S, S, 3) → one (N, H, W, C) array per feature layer (encoder dtype)."""

@@ -157,10 +157,8 @@ def _class_batches(
     config = run.config
     share = process_share(len(samples))  # every image in a one-process run
     # Process 0 draws the panels, from its own share of the images.
-    panels = {int(share[i]) for i in _panel_indices([samples[i] for i in share],
-                                                    config.visualize_per_class)}  # fmt: skip
-    if not is_primary():
-        panels = set()
+    chosen = _panel_indices([samples[i] for i in share], config.visualize_per_class)
+    panels = {int(share[i]) for i in chosen} if is_primary() else set()
     size = run.model.clip.image_size
     if name in run.references:  # few-shot: the class's memory bank, before its first batch
         images = reference_images(run.references[name], size)
@@ -324,15 +322,10 @@ def evaluate(
     with hold(output, "evaluation"):  # one live evaluation per output folder
         (output / "classes").mkdir(parents=True, exist_ok=True)
         key = _class_key(config, model)
-        per_class = {}
-        todo = []
-        for name in sorted(dataset):
-            saved = _saved_class(config, output, name, key)
-            if saved is not None:
-                logger.info("%s: reusing the result in classes/%s.json", name, name)
-                per_class[name] = saved
-                continue
-            todo.append(name)
+        per_class = _recorded_classes(config, output, dataset, key)
+        for name in per_class:
+            logger.info("%s: reusing the result in classes/%s.json", name, name)
+        todo = [name for name in sorted(dataset) if name not in per_class]
 
         def keep(name: str, result: dict) -> None:
             notify(callbacks, "on_class_end", name, result)
@@ -381,14 +374,19 @@ def evaluate(
         return report
 
 
-def _saved_class(config: EvalConfig, output: Path, name: str, key: str) -> dict | None:
-    """A class's recorded result under `key` (with its maps file where asked), else None."""
-    record = output / "classes" / f"{name}.json"
-    if not record.is_file():
-        return None
-    saved = json.loads(record.read_text())
-    maps_ok = not config.save_maps or (output / "maps" / f"{name}.npz").is_file()
-    return saved["result"] if saved.get("key") == key and maps_ok else None
+def _recorded_classes(config: EvalConfig, output: Path, dataset: Dataset, key: str) -> dict:
+    """{class: result} of the classes of `dataset` already recorded in `output` under `key`
+    (with their maps file where asked): those a rerun reuses."""
+    recorded = {}
+    for name in sorted(dataset):
+        record = output / "classes" / f"{name}.json"
+        if not record.is_file():
+            continue
+        saved = json.loads(record.read_text())
+        maps_ok = not config.save_maps or (output / "maps" / f"{name}.npz").is_file()
+        if saved.get("key") == key and maps_ok:
+            recorded[name] = saved["result"]
+    return recorded
 
 
 def _evaluate_share(config: EvalConfig, dataset: Dataset, model: RoughMapModel, refiner,
@@ -398,7 +396,8 @@ def _evaluate_share(config: EvalConfig, dataset: Dataset, model: RoughMapModel, 
     key = _class_key(config, model)
     output = Path(config.output)
     run = ClassRun(model, refiner, config, output, False, tuple(callbacks), references)
-    todo = [name for name in sorted(dataset) if _saved_class(config, output, name, key) is None]
+    recorded = _recorded_classes(config, output, dataset, key)
+    todo = [name for name in sorted(dataset) if name not in recorded]
     for name in todo:
         class_maps(name, dataset[name], run)
     return {"process": jax.process_index(), "classes": todo}
